@@ -28,6 +28,9 @@ class Denoiser(Protocol):
     """Prefix of LoRA file keys for `module` ("diffusion_model.")."""
     prediction_type: str
     """For display only: "eps", "v", "flow", ..."""
+    device: torch.device
+    """Where the forward pass runs: batches and adapters go here (with offloading, base weights
+    may live elsewhere, so this is not read off the parameters)."""
 
     def sigma_at(self, t: Tensor) -> Tensor:
         """t in [0, 1], 1 = most noise -> sigma, one per sample."""

@@ -1,0 +1,142 @@
+"""What a training step minimises: one small object with a `loss` method.
+
+A sample's loss is: draw t, map it to the model's sigma, noise x0, ask the denoiser for x0,
+compare in the chosen space. The "native" space is the model's own target,
+`(x0 - c_skip*x_t) / c_out`, which is eps for eps models, v for v models and the velocity for
+flow models, so one formula serves all of them (see `denoiser.py`). "x0" compares denoised
+latents directly, as ComfyUI's built-in trainer does.
+
+Min-SNR-gamma (Hang et al. 2023, https://arxiv.org/abs/2303.09556) gives every noise level the
+x0-space weight min(SNR, gamma). Expressed in the native space that is min(SNR, gamma) * c_out^2,
+which is min(SNR, gamma)/SNR for eps and min(SNR, gamma)/(SNR+1) for v, the paper's formulas,
+and follows for any other parametrisation; SNR comes from the denoiser's own noising.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .denoiser import Denoiser, noising_coefficients, per_sample
+from .errors import UserInputError
+
+TARGETS = ("native", "x0")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "shifted")
+LOSS_WEIGHTINGS = ("none", "min_snr")
+LOSS_FUNCTIONS = ("mse", "l1", "huber", "smooth_l1")
+
+# Keep t off the exact ends: at t = 0 a flow model's c_out is 0 and the native target undefined.
+T_MIN = 1e-3
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    normalised = value.lower().replace("-", "_")
+    if normalised == "smoothl1":
+        normalised = "smooth_l1"
+    if normalised not in allowed:
+        raise UserInputError(f"{name} = {value!r} is not supported: choose one of {', '.join(allowed)}.")
+    return normalised
+
+
+@dataclass
+class ObjectiveConfig:
+    target: str = "native"
+    timestep_sampling: str = "uniform"
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    shift: float = 3.0
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
+    loss_function: str = "mse"
+    huber_delta: float = 1.0
+    noise_offset: float = 0.0
+
+    def __post_init__(self):
+        self.target = _choice("target", self.target, TARGETS)
+        self.timestep_sampling = _choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
+        self.loss_weighting = _choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        self.loss_function = _choice("loss_function", self.loss_function, LOSS_FUNCTIONS)
+        positive = {
+            "logit_normal_std": self.logit_normal_std,
+            "shift": self.shift,
+            "min_snr_gamma": self.min_snr_gamma,
+            "huber_delta": self.huber_delta,
+        }
+        for name, value in positive.items():
+            if not math.isfinite(value) or value <= 0:
+                raise UserInputError(f"{name} = {value} must be a positive number.")
+        if not math.isfinite(self.logit_normal_mean):
+            raise UserInputError(f"logit_normal_mean = {self.logit_normal_mean} must be a finite number.")
+        if not math.isfinite(self.noise_offset) or self.noise_offset < 0:
+            raise UserInputError(f"noise_offset = {self.noise_offset} must be 0 (off) or a small positive number such as 0.05.")
+
+
+def sample_timesteps(config: ObjectiveConfig, count: int, generator: torch.Generator) -> Tensor:
+    """t in [T_MIN, 1], 1 = most noise, drawn on CPU so the stream does not depend on the device."""
+    if config.timestep_sampling == "logit_normal":
+        normal = torch.randn(count, generator=generator)
+        t = torch.sigmoid(normal * config.logit_normal_std + config.logit_normal_mean)
+    else:
+        t = torch.rand(count, generator=generator)
+        if config.timestep_sampling == "shifted":
+            # The SD3 / Flux resolution shift: more steps at high noise for shift > 1.
+            t = config.shift * t / (1 + (config.shift - 1) * t)
+    return t.clamp(T_MIN, 1.0)
+
+
+def elementwise_loss(config: ObjectiveConfig, prediction: Tensor, target: Tensor) -> Tensor:
+    if config.loss_function == "mse":
+        return F.mse_loss(prediction, target, reduction="none")
+    if config.loss_function == "l1":
+        return F.l1_loss(prediction, target, reduction="none")
+    if config.loss_function == "huber":
+        return F.huber_loss(prediction, target, reduction="none", delta=config.huber_delta)
+    return F.smooth_l1_loss(prediction, target, reduction="none", beta=config.huber_delta)
+
+
+class Objective:
+    def __init__(self, config: ObjectiveConfig | None = None):
+        self.config = config or ObjectiveConfig()
+
+    def draw(self, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(t, noise) for a batch, from `generator` on CPU; the caller moves them to the device."""
+        t = sample_timesteps(self.config, x0.shape[0], generator)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+        if self.config.noise_offset > 0:
+            # Per-sample, per-channel constant: lets the model learn overall brightness shifts.
+            offset_shape = x0.shape[:2] + (1,) * (x0.ndim - 2)
+            noise = noise + self.config.noise_offset * torch.randn(offset_shape, generator=generator)
+        return t, noise
+
+    def loss(self, denoiser: Denoiser, x0: Tensor, conds: list, generator: torch.Generator) -> Tensor:
+        t, noise = self.draw(x0, generator)
+        return self.loss_at(denoiser, x0, conds, t.to(x0.device), noise.to(x0.device))
+
+    def loss_at(self, denoiser: Denoiser, x0: Tensor, conds: list, t: Tensor, noise: Tensor) -> Tensor:
+        """Per-sample loss [B] at given timesteps and noise (validation uses a fixed grid)."""
+        x0 = x0.float()
+        sigma = denoiser.sigma_at(t)
+        x_t = denoiser.add_noise(x0, noise.float(), sigma)
+        denoised = denoiser.denoise(x_t, sigma, conds).float()
+        if self.config.target == "x0":
+            prediction, target = denoised, x0
+        else:
+            c_skip, c_out = (per_sample(c, x0) for c in denoiser.output_coefficients(sigma))
+            prediction, target = (denoised - c_skip * x_t) / c_out, (x0 - c_skip * x_t) / c_out
+        per_sample_loss = elementwise_loss(self.config, prediction, target).flatten(1).mean(dim=1)
+        return per_sample_loss * self.weights(denoiser, sigma, x0)
+
+    def weights(self, denoiser: Denoiser, sigma: Tensor, x0: Tensor) -> Tensor:
+        if self.config.loss_weighting == "none":
+            return torch.ones(x0.shape[0], device=x0.device)
+        signal, noise_scale = (c.flatten() for c in noising_coefficients(denoiser, sigma, x0))
+        snr = (signal / noise_scale) ** 2
+        x0_space_weight = snr.clamp(max=self.config.min_snr_gamma)
+        if self.config.target == "x0":
+            return x0_space_weight
+        _, c_out = denoiser.output_coefficients(sigma.to(x0.device))
+        return x0_space_weight * c_out.float().flatten() ** 2

@@ -1,0 +1,1 @@
+"""Pieces of the training loop that are not the loop: sample order, seeds, numeric precision."""

@@ -1,0 +1,511 @@
+"""Everything that touches ComfyUI internals, in one place.
+
+The node classes call these functions; `lora_core` never sees a ComfyUI object. What lives here:
+- `ComfyDenoiser`: lora_core's `Denoiser` protocol over a ModelPatcher, for every model family,
+  by asking ComfyUI itself: noising from `model_sampling.noise_scaling`, the sigma table from
+  `percent_to_sigma`, (c_skip, c_out) probed from `calculate_denoised`, latents through
+  `process_latent_in`, conditioning through the model's own `extra_conds` (SDXL size embeddings,
+  pooled outputs, Flux guidance...) and `apply_model`.
+- `training_session`: a clone of the caller's model loaded for training, grad enabled, ComfyUI in
+  training mode; everything reset in `finally` so a cancel leaves the caller's model untouched.
+- VAE / CLIP encoding for the dataset nodes, folder helpers (input/, loras/, datasets/, output/)
+  that refuse paths leading outside, progress bar + live loss chart, cancel.
+- Bypass application of a LoRA on a ModelPatcher clone through a PatcherInjection, so our hooks
+  exist only while that clone is the one loaded and any number of bypass LoRAs stack.
+
+Invariant: no hook, wrapper or flag set here outlives the call that set it, except through a
+ModelPatcher clone that owns it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.sampler_helpers
+import comfy.samplers
+import comfy.sd
+import comfy.utils
+import folder_paths
+
+from ..lora_core.data.paths import is_inside, resolve_inside
+from ..lora_core.errors import UserInputError
+from .lists import Throttle, conditioning_entry
+
+log = logging.getLogger(__name__)
+
+# Keep t strictly inside (0, 1): percent_to_sigma(0) is "infinite" noise for discrete models.
+_PERCENT_EPS = 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# The denoiser
+# --------------------------------------------------------------------------------------------
+
+
+class ComfyDenoiser:
+    """`lora_core.denoiser.Denoiser` over a loaded ModelPatcher (any ComfyUI model family)."""
+
+    key_prefix = "diffusion_model."
+
+    def __init__(self, patcher):
+        self.patcher = patcher
+        self.base = patcher.model                                   # comfy.model_base.BaseModel
+        self.module = self.base.diffusion_model
+        # Object patches (ModelSamplingFlux / SD3 shift nodes...) are applied at load time.
+        self.sampling = patcher.get_model_object("model_sampling")
+        self.prediction_type = _prediction_name(self.base)
+        self.device = patcher.load_device
+        self._encoded: dict[tuple, tuple[object, dict]] = {}
+
+    # -- noise levels -------------------------------------------------------------------------
+    def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
+        percents = (1.0 - t.detach().float().flatten().cpu()).clamp(_PERCENT_EPS, 1.0 - _PERCENT_EPS)
+        sigmas = [float(self.sampling.percent_to_sigma(float(p))) for p in percents]
+        return torch.tensor(sigmas, dtype=torch.float32, device=t.device)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = sigma.to(device=x0.device, dtype=torch.float32).flatten()
+        return self.sampling.noise_scaling(sigma, noise, x0, False)
+
+    def output_coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # denoised = c_skip * x + c_out * out for every ComfyUI parametrisation, so probing with
+        # (x=1, out=0) and (x=0, out=1) reads both coefficients without a per-model formula.
+        s = sigma.detach().float().flatten()
+        ones = torch.ones(s.shape[0], 1, device=s.device)
+        zeros = torch.zeros_like(ones)
+        c_skip = self.sampling.calculate_denoised(s, zeros, ones)
+        c_out = self.sampling.calculate_denoised(s, ones, zeros)
+        return _per_sample_vector(c_skip, s), _per_sample_vector(c_out, s)
+
+    def prepare_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.base.process_latent_in(latents)
+
+    # -- the forward pass -----------------------------------------------------------------------
+    def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, conds: list) -> torch.Tensor:
+        if len(conds) != x_t.shape[0]:
+            raise ValueError(f"{len(conds)} conditionings for a batch of {x_t.shape[0]} latents")
+        sigma = sigma.to(device=x_t.device, dtype=torch.float32).flatten()
+        per_sample = [
+            {k: v.process_cond(batch_size=1, area=None) for k, v in self._model_conds(c, x_t[i:i + 1]).items()}
+            for i, c in enumerate(conds)
+        ]
+        groups = _concat_groups(per_sample)
+        if len(groups) == 1:
+            return self._apply(x_t, sigma, per_sample)
+        out = torch.empty(x_t.shape, dtype=torch.float32, device=x_t.device)
+        for group in groups:
+            index = torch.tensor(group, device=x_t.device)
+            out = out.index_copy(0, index, self._apply(x_t[index], sigma[index], [per_sample[i] for i in group]))
+        return out
+
+    def _apply(self, x: torch.Tensor, sigma: torch.Tensor, model_conds: list[dict]) -> torch.Tensor:
+        kwargs = comfy.samplers.cond_cat(model_conds)
+        options = comfy.patcher_extension.copy_nested_dicts(
+            self.patcher.model_options.get("transformer_options", {})
+        )
+        options["cond_or_uncond"] = [0] * x.shape[0]
+        options["uuids"] = [None] * x.shape[0]
+        options["sigmas"] = sigma
+        return self.base.apply_model(x, sigma, transformer_options=options, **kwargs)
+
+    def _model_conds(self, cond, like: torch.Tensor) -> dict:
+        """The model's own conditioning objects for one sample (cached per caption and shape)."""
+        key = (id(cond), tuple(like.shape[1:]))
+        hit = self._encoded.get(key)
+        if hit is None:
+            entry = comfy.sampler_helpers.convert_cond([conditioning_entry(cond)])[0]
+            shape_probe = torch.zeros(like.shape, dtype=torch.float32)
+            encoded = comfy.samplers.encode_model_conds(
+                self.base.extra_conds, [entry], shape_probe, self.device, "positive",
+                latent_image=shape_probe, seed=0,
+            )[0]
+            # Holding `cond` keeps its id from being reused by another object.
+            hit = (cond, encoded["model_conds"])
+            self._encoded[key] = hit
+        return hit[1]
+
+
+def _prediction_name(base) -> str:
+    name = getattr(base.model_type, "name", str(base.model_type)).lower()
+    return {"eps": "eps", "v_prediction": "v", "flow": "flow", "edm": "edm"}.get(name, name)
+
+
+def _per_sample_vector(values, sigma: torch.Tensor) -> torch.Tensor:
+    values = torch.as_tensor(values, dtype=torch.float32, device=sigma.device)
+    return values.flatten().expand(sigma.shape[0]) if values.numel() == 1 else values.flatten()
+
+
+def _concat_groups(per_sample: list[dict]) -> list[list[int]]:
+    """Indices grouped so each group's conditionings concatenate (ComfyUI's can_concat rules)."""
+    groups: list[list[int]] = []
+    for i, conds in enumerate(per_sample):
+        for group in groups:
+            first = per_sample[group[0]]
+            if first.keys() == conds.keys() and all(first[k].can_concat(conds[k]) for k in first):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+# --------------------------------------------------------------------------------------------
+# The training session
+# --------------------------------------------------------------------------------------------
+
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def torch_dtype(name: str) -> torch.dtype | None:
+    """"bf16" / "fp16" / "fp32" -> torch dtype; "none" -> None (keep the model's own)."""
+    if name == "none":
+        return None
+    if name not in COMPUTE_DTYPES:
+        raise UserInputError(f"dtype {name!r} is not known: choose bf16, fp16, fp32 or none.")
+    return COMPUTE_DTYPES[name]
+
+
+@contextlib.contextmanager
+def training_session(model, compute_dtype: torch.dtype | None, offloading: bool,
+                     quantized_backward: bool = False) -> Iterator[ComfyDenoiser]:
+    """A clone of `model` loaded for training; ComfyUI's flags and the clone undone on exit.
+
+    Autograd needs normal tensors: ComfyUI loads weights under `torch.inference_mode()`, and an
+    inference tensor cannot be saved for backward, so frozen weights that are inference tensors
+    are swapped for identical normal ones (values unchanged, the caller's inference unaffected).
+    """
+    # A dynamic-VRAM patcher streams weights in ways autograd cannot follow: train on a plain one.
+    patcher = model.clone(disable_dynamic=True) if model.is_dynamic() else model.clone()
+    if compute_dtype is not None:
+        patcher.set_model_compute_dtype(compute_dtype)
+    previous_fp8_bwd = comfy.model_management.training_fp8_bwd
+    with torch.inference_mode(False), torch.enable_grad():
+        try:
+            comfy.model_management.in_training = True
+            comfy.model_management.training_fp8_bwd = quantized_backward
+            # Ask for everything: other models leave VRAM; with offloading the weights stream.
+            comfy.model_management.load_models_gpu(
+                [patcher], memory_required=1e20 if not offloading else 0, force_full_load=not offloading
+            )
+            _make_autograd_safe(patcher.model)
+            patcher.pre_run()
+            yield ComfyDenoiser(patcher)
+        finally:
+            patcher.cleanup()
+            comfy.model_management.in_training = False
+            comfy.model_management.training_fp8_bwd = previous_fp8_bwd
+
+
+def _make_autograd_safe(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_inference():
+                module._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+            elif param is not None:
+                param.requires_grad_(False)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_inference():
+                module._buffers[name] = buffer.clone()
+
+
+def base_model_name(model) -> str:
+    """e.g. "SD15", "SDXL", "Flux": ComfyUI's model config class name."""
+    return type(model.model.model_config).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset encoding
+# --------------------------------------------------------------------------------------------
+
+
+def encode_images(vae, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """VAE latents [1, C, (T,) h, w] per image; images of one size are encoded in batches."""
+    latents: list[torch.Tensor | None] = [None] * len(images)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(tuple(image.shape[-3:]), []).append(i)
+    # A video VAE reads a batch of images as the frames of one clip: encode those one by one.
+    chunk_size = 1 if getattr(vae, "latent_dim", 2) == 3 and not getattr(vae, "not_video", False) else 16
+    pbar = comfy.utils.ProgressBar(len(images))
+    done = 0
+    for indices in by_shape.values():
+        for start in range(0, len(indices), chunk_size):
+            chunk = indices[start:start + chunk_size]
+            pixels = torch.cat([_as_batch(images[i])[..., :3] for i in chunk], dim=0)
+            encoded = vae.encode(pixels)
+            for j, i in enumerate(chunk):
+                latents[i] = encoded[j:j + 1].cpu()
+            done += len(chunk)
+            pbar.update_absolute(done, len(images))
+    return latents
+
+
+def _as_batch(image: torch.Tensor) -> torch.Tensor:
+    return image if image.ndim == 4 else image.unsqueeze(0)
+
+
+def encode_texts(clip, texts: Sequence[str]) -> list[list]:
+    """One CONDITIONING per text; each distinct text is encoded once and shared."""
+    if clip is None:
+        raise UserInputError(
+            "Make Training Dataset needs a text encoder: connect the CLIP output of your checkpoint "
+            "loader (or a Load CLIP node) to 'clip'."
+        )
+    cache: dict[str, list] = {}
+    out = []
+    for text in texts:
+        if text not in cache:
+            cache[text] = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        out.append(cache[text])
+    return out
+
+
+def vae_scale(vae) -> int:
+    """Pixels per latent cell (8 for SD/Flux, 16 for some video VAEs)."""
+    ratio = vae.spacial_compression_encode()
+    return int(ratio) if isinstance(ratio, (int, float)) else 8
+
+
+# --------------------------------------------------------------------------------------------
+# Folders
+# --------------------------------------------------------------------------------------------
+
+
+def input_directory() -> Path:
+    return Path(folder_paths.get_input_directory())
+
+
+def input_subfolders() -> list[str]:
+    return folder_paths.get_input_subfolders()
+
+
+def input_folder(name: str) -> Path:
+    folder = resolve_inside(input_directory(), name, "folder")
+    if not folder.is_dir():
+        raise UserInputError(
+            f"The folder {name!r} does not exist in {input_directory()}: create it, put your training "
+            f"images in it and press R in the browser to refresh the list."
+        )
+    return folder
+
+
+NO_LORA = "[None]"
+
+
+def lora_names() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_path(name: str) -> Path:
+    """Full path of a file from the `loras` list; refuses names leading outside the loras folders."""
+    full = folder_paths.get_full_path("loras", name)
+    if full is None:
+        raise UserInputError(
+            f"The LoRA file {name!r} is not in the loras folder ({', '.join(lora_roots_text())}): "
+            f"pick a file from the list, or press R to refresh it."
+        )
+    if not any(is_inside(Path(root), Path(full)) for root in folder_paths.get_folder_paths("loras")):
+        raise UserInputError(f"The LoRA file {name!r} resolves outside the loras folders: pick a file from the list.")
+    return Path(full)
+
+
+def lora_roots_text() -> list[str]:
+    return [str(p) for p in folder_paths.get_folder_paths("loras")]
+
+
+def lora_save_folder(prefix: str) -> tuple[Path, str]:
+    """(folder, file-name prefix) for a save prefix like "my_project/character" inside loras/."""
+    root = Path(folder_paths.get_folder_paths("loras")[0])
+    text = prefix.strip().replace("\\", "/")
+    if not text or text.endswith("/"):
+        raise UserInputError(
+            f"The file prefix {prefix!r} has no file name: use e.g. 'my_lora' or 'project/my_lora'."
+        )
+    folder_part, _, name = text.rpartition("/")
+    folder = resolve_inside(root, folder_part, "prefix folder") if folder_part else root
+    if not is_inside(root, folder):
+        raise UserInputError(f"The prefix {prefix!r} leads outside {root}: give a path inside the loras folder.")
+    return folder, name
+
+
+def refresh_lora_list() -> None:
+    """Make the new file appear in `existing_lora` and LoRA loaders without a restart."""
+    folder_paths.filename_list_cache.pop("loras", None)
+
+
+def dataset_roots() -> list[Path]:
+    return [Path(p) for p in folder_paths.get_folder_paths("datasets")]
+
+
+def dataset_save_folder(name: str) -> Path:
+    root = dataset_roots()[0]
+    folder = resolve_inside(root, name, "dataset folder")
+    if os.path.realpath(folder) == os.path.realpath(root):
+        raise UserInputError(
+            f"The dataset folder name {name!r} names the datasets root itself: use a subfolder such as 'my_dataset'."
+        )
+    return folder
+
+
+def dataset_folder(name: str) -> Path:
+    for root in dataset_roots():
+        folder = resolve_inside(root, name, "dataset folder")
+        if folder.is_dir() and os.path.realpath(folder) != os.path.realpath(root):
+            return folder
+    raise UserInputError(
+        f"The dataset {name!r} was not found in {', '.join(map(str, dataset_roots()))}: save one with Save "
+        f"Training Dataset first, or press R to refresh the list."
+    )
+
+
+def output_image_path(prefix: str) -> tuple[Path, str]:
+    """(a new, never-used PNG path under output/ for `prefix`, its subfolder relative to output/)."""
+    output_dir = Path(folder_paths.get_output_directory())
+    text = prefix.strip().replace("\\", "/")
+    folder_part, _, name = text.rpartition("/")
+    if not name:
+        raise UserInputError(f"The file prefix {prefix!r} has no file name: use e.g. 'loss_graph' or 'runs/loss'.")
+    folder = resolve_inside(output_dir, folder_part, "prefix folder") if folder_part else output_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    counter = 1
+    pattern = re.compile(rf"^{re.escape(name)}_(\d{{5,}})_\.png$")
+    for existing in os.listdir(folder):
+        match = pattern.match(existing)
+        if match:
+            counter = max(counter, int(match.group(1)) + 1)
+    path = folder / f"{name}_{counter:05d}_.png"
+    while path.exists():
+        counter += 1
+        path = folder / f"{name}_{counter:05d}_.png"
+    return path, folder.relative_to(output_dir).as_posix() if folder != output_dir else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Progress, preview, cancel
+# --------------------------------------------------------------------------------------------
+
+
+def processing_interrupted() -> bool:
+    return comfy.model_management.processing_interrupted()
+
+
+def raise_if_interrupted() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+class TrainingProgress:
+    """Progress bar with the loss in the node text and a live loss chart, throttled."""
+
+    def __init__(self, total_steps: int, chart: Callable[[list[float], list | None], Image.Image] | None = None,
+                 every_steps: int = 10, every_seconds: float = 2.0):
+        self.total = max(1, int(total_steps))
+        self.pbar = comfy.utils.ProgressBar(self.total)
+        self.chart = chart
+        self.throttle = Throttle(every_steps, every_seconds)
+        self.node_id = _executing_node_id()
+
+    def update(self, step: int, loss: float, history: list[float], val_loss: list | None = None,
+               lr: float | None = None) -> None:
+        # Do not call into the progress hook once a cancel is pending: it would raise inside the
+        # engine before it could save; the engine sees should_stop() and the node re-raises.
+        if processing_interrupted():
+            return
+        preview = None
+        if self.throttle.due(step, self.total, time.monotonic()):
+            text = f"step {step}/{self.total}  loss {loss:.4f}"
+            if lr is not None:
+                text += f"  lr {lr:.2e}"
+            send_text(text, self.node_id)
+            if self.chart is not None and history:
+                preview = ("PNG", self.chart(history, val_loss), 512)
+        self.pbar.update_absolute(step, self.total, preview)
+
+
+def send_text(text: str, node_id: str | None = None) -> None:
+    """Text shown on the node while it runs (no-op outside a running server)."""
+    node_id = node_id or _executing_node_id()
+    if node_id is None:
+        return
+    from server import PromptServer
+
+    if PromptServer.instance is not None:
+        PromptServer.instance.send_progress_text(text, node_id)
+
+
+def _executing_node_id() -> str | None:
+    from comfy_execution.utils import get_executing_context
+
+    context = get_executing_context()
+    return None if context is None else context.node_id
+
+
+def png_to_pil(png: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(png))
+    image.load()
+    return image
+
+
+# --------------------------------------------------------------------------------------------
+# Applying a LoRA to a model
+# --------------------------------------------------------------------------------------------
+
+
+def apply_merged(model, lora_tensors: dict, strength: float):
+    """ComfyUI's own LoRA loader (what core LoraLoader does): weight patches on a clone."""
+    patched, _ = comfy.sd.load_lora_for_models(model, None, dict(lora_tensors), strength, 0)
+    return patched
+
+
+class _BypassInjection:
+    """Adds / removes our forward hooks on whichever model a patcher injects into.
+
+    Lives in a ModelPatcher clone's `injections`, so the hooks exist only while that clone is
+    the loaded one; ComfyUI ejects it before another patcher of the same model runs.
+    """
+
+    def __init__(self, attach: Callable[[torch.nn.Module], object]):
+        self.attach = attach
+        self.attachments: dict[int, object] = {}
+
+    def inject(self, patcher) -> None:
+        key = id(patcher.model)
+        if key not in self.attachments:
+            self.attachments[key] = self.attach(patcher.model.diffusion_model)
+
+    def eject(self, patcher) -> None:
+        attachment = self.attachments.pop(id(patcher.model), None)
+        if attachment is not None:
+            attachment.remove()
+
+
+def apply_bypass(model, attach: Callable[[torch.nn.Module], object]):
+    """A clone of `model` whose diffusion model runs `attach(diffusion_model)`'s hooks when loaded.
+
+    `attach` returns an object with `.remove()`. Each call uses its own injection key, so bypass
+    LoRAs stack instead of replacing each other (ComfyUI's single "bypass_lora" key cannot).
+    """
+    patcher = model.clone()
+    injection = _BypassInjection(attach)
+    patcher.set_injections(
+        f"lora_trainer_bypass_{uuid.uuid4().hex}",
+        [comfy.patcher_extension.PatcherInjection(inject=injection.inject, eject=injection.eject)],
+    )
+    return patcher
+
+
+def diffusion_module_names(model) -> list[str]:
+    """Dotted module names of the diffusion model (to map kohya / PEFT keys onto it)."""
+    return [name for name, _ in model.model.diffusion_model.named_modules() if name]

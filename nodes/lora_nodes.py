@@ -1,0 +1,300 @@
+"""LoRA nodes: save a LORA_MODEL to the loras folder, apply one to a model, plot the loss.
+
+LORA_MODEL values are our `LoraModel` (a plain dict of tensors with metadata riding along) or a
+plain dict made by ComfyUI's own trainer; both work everywhere (`as_lora_model`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+
+from ..lora_core import files, resume
+from ..lora_core.adapter_set import AdapterSet, split_key
+from ..lora_core.attach import attach_bypass
+from ..lora_core.errors import UserInputError
+from ..lora_core.keys import INTERNAL_PREFIX, to_internal
+from ..lora_core.lora_model import LoraModel, as_lora_model
+from ..lora_core.plotting import loss_chart_png, write_atomically
+from . import comfy_glue as glue
+from .lists import lora_file_name, loss_summary, next_counter
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "LoRA Trainer/lora"
+PREFIX = "LoRATrainer_"
+LORA_MODEL = io.Custom("LORA_MODEL")
+LOSS_MAP = io.Custom("LOSS_MAP")
+
+# Keys of the text-encoder part of kohya / diffusers files: Load LoRA Model applies to the
+# diffusion model only (as ComfyUI's "Load LoRA Model" does).
+_TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te1.", "te2.", "lora_te1_", "lora_te2_")
+
+
+# ---- writing files -------------------------------------------------------------------------------
+
+def algorithm_of(tensors: dict) -> str:
+    """lora / loha / lokr / oft read off the tensor names (for LoRAs without our metadata)."""
+    suffixes = {split_key(k)[1] for k in tensors if split_key(k) is not None}
+    if any(s.startswith("hada_") for s in suffixes):
+        return "loha"
+    if any(s.startswith("lokr_") for s in suffixes):
+        return "lokr"
+    if "oft_blocks" in suffixes:
+        return "oft"
+    return "lora"
+
+
+def rank_of(tensors: dict) -> int:
+    for key, tensor in tensors.items():
+        if key.endswith(("lora_down.weight", "hada_w1_b")) and tensor.ndim >= 2:
+            return int(tensor.shape[0])
+    return 0
+
+
+def file_metadata(lora: LoraModel, steps: int | None) -> dict:
+    """Our metadata for a LoraModel; a core-made dict gets what its tensor names tell."""
+    if lora.metadata:
+        metadata = dict(lora.metadata)
+        if steps is not None and steps > 0:
+            metadata["steps"] = metadata["ss_steps"] = str(steps)
+        return metadata
+    return files.lora_metadata(algorithm=algorithm_of(lora), rank=rank_of(lora), alpha=0.0, targets="unknown",
+                               steps=steps or 0, extra={"source": "LORA_MODEL without metadata"})
+
+
+def write_lora(lora: LoraModel, prefix: str, steps: int | None, kohya_export: bool = False) -> Path:
+    """Write `lora` to loras/<prefix>[_<steps>_steps]_<NNNNN>_.safetensors (never overwriting),
+    its optimizer state beside it when it has one, and a kohya-named copy on request."""
+    folder, name = glue.lora_save_folder(prefix)
+    folder.mkdir(parents=True, exist_ok=True)
+    counter = next_counter(name, os.listdir(folder))
+    path = folder / lora_file_name(name, steps, counter)
+    while path.exists():
+        counter += 1
+        path = folder / lora_file_name(name, steps, counter)
+    metadata = file_metadata(lora, steps)
+    files.save_lora(path, lora.tensors(), metadata)
+    if lora.optimizer_state is not None:
+        save_optimizer_state(path, lora)
+    if kohya_export:
+        kohya_path = path.with_name(path.stem + "_kohya.safetensors")
+        files.save_kohya_lora(kohya_path, lora.tensors(), metadata)
+    glue.refresh_lora_list()
+    return path
+
+
+def save_optimizer_state(lora_path: Path, lora: LoraModel) -> None:
+    """The optimizer sidecar (`<name>.optim.safetensors`) that lets existing_lora resume exactly."""
+    settings = json.loads(lora.metadata.get("training_settings", "{}"))
+    if "optimizer" not in settings:
+        raise UserInputError("The LoRA carries optimizer state but no training settings naming the optimizer: "
+                             "connect the 'lora' output of Train LoRA directly.")
+    resume.save_optimizer_state(resume.sidecar_path(lora_path), lora.optimizer_state, settings["optimizer"])
+
+
+def relative_lora_name(path: Path) -> str:
+    for root in glue.lora_roots_text():
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return path.name
+
+
+# ---- reading files -------------------------------------------------------------------------------
+
+def read_lora_file(name: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of a file from the loras list; safetensors only, clear errors."""
+    tensors, metadata = files.load_lora(glue.lora_path(name))
+    return tensors, metadata
+
+
+def diffusion_part(tensors: dict, where: str) -> dict:
+    """The file's tensors minus text-encoder keys (logged), which a model-only loader skips."""
+    kept = {k: v for k, v in tensors.items() if not k.startswith(_TEXT_ENCODER_PREFIXES)}
+    dropped = len(tensors) - len(kept)
+    if dropped:
+        log.warning("[LoRA Trainer] %s: %d text-encoder tensors are not applied (model only).", where, dropped)
+    if not kept:
+        raise UserInputError(f"{where} holds no diffusion-model tensors (only text-encoder ones): pick a LoRA "
+                             f"for the diffusion model.")
+    return kept
+
+
+def adapter_set_for(model, tensors: dict, metadata: dict | None, where: str) -> AdapterSet:
+    """An AdapterSet on `model`'s diffusion model from internal, kohya, LyCORIS or PEFT keys."""
+    tensors = diffusion_part(tensors, where)
+    if not all(k.startswith(INTERNAL_PREFIX) for k in tensors):
+        tensors = to_internal(tensors, metadata, module_names=glue.diffusion_module_names(model))
+    return AdapterSet.from_state_dict(tensors, model=model.model.diffusion_model, prefix=INTERNAL_PREFIX)
+
+
+# ---- nodes ---------------------------------------------------------------------------------------
+
+class SaveLoRAWeights(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=PREFIX + "SaveLoRAWeights",
+            display_name="Save LoRA Weights",
+            category=CATEGORY,
+            description="Write the trained LoRA as .safetensors into the loras model folder (so every LoRA loader "
+                        "and Train LoRA's existing_lora list it at once), with training metadata; never overwrites.",
+            search_aliases=["export lora", "save lora"],
+            is_output_node=True,
+            inputs=[
+                LORA_MODEL.Input("lora", tooltip="The 'lora' output of Train LoRA (ours or ComfyUI's)."),
+                io.String.Input("prefix", default="trained_lora",
+                                tooltip="File name prefix inside models/loras/; subfolders allowed "
+                                        "('project/character'). A step count and a counter are appended."),
+                io.Int.Input("steps", optional=True, force_input=True, min=0,
+                             tooltip="Total steps for the file name; connect Train LoRA's 'steps'. Not connected: "
+                                     "taken from the LoRA's metadata."),
+                io.Boolean.Input("kohya_export", default=False,
+                                 tooltip="Also write a copy with kohya-ss key names (<name>_kohya.safetensors) for "
+                                         "A1111 / Forge and other UIs. ComfyUI reads either."),
+            ],
+            outputs=[io.String.Output(display_name="filename", tooltip="The file name as the loras list shows it.")],
+        )
+
+    @classmethod
+    def execute(cls, lora, prefix, kohya_export=False, steps=None) -> io.NodeOutput:
+        lora = as_lora_model(lora)
+        if steps is None:
+            steps = _int_or_none(lora.metadata.get("steps"))
+        path = write_lora(lora, prefix, steps, kohya_export)
+        name = relative_lora_name(path)
+        log.info("[LoRA Trainer] saved %s", path)
+        return io.NodeOutput(name, ui=ui.PreviewText(f"saved loras/{name}"))
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class LoadLoRAModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=PREFIX + "LoadLoRAModel",
+            display_name="Load LoRA Model",
+            category=CATEGORY,
+            description="Apply a LoRA (a Train LoRA output and/or a file from the loras list) to a model. Merged: "
+                        "ComfyUI's own LoRA patching. Bypass: computed beside each layer, weights untouched "
+                        "(quantized models); several bypass LoRAs stack.",
+            search_aliases=["apply lora", "lora loader"],
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to apply the LoRA to."),
+                LORA_MODEL.Input("lora", optional=True,
+                                 tooltip="LoRA weights from Train LoRA (ours or ComfyUI's). Optional if a file is picked."),
+                io.Combo.Input("lora_name", options=[glue.NO_LORA] + glue.lora_names(), default=glue.NO_LORA,
+                               optional=True,
+                               tooltip="A LoRA file from models/loras (ours, ComfyUI's, kohya-ss, LyCORIS, PEFT). "
+                                       "If 'lora' is connected too, both are applied."),
+                io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.01,
+                               tooltip="How strongly the LoRA changes the model: 1.0 as trained, 0 = off, "
+                                       "negative inverts. Usual range 0.5-1.2."),
+                io.Boolean.Input("bypass", default=False,
+                                 tooltip="Off: merge into the weights (fastest sampling). On: compute the LoRA beside "
+                                         "each layer; needed for FP8/FP4 (quantized) models, matches bypass training."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the LoRA applied.")],
+        )
+
+    @classmethod
+    def execute(cls, model, strength, bypass, lora=None, lora_name=glue.NO_LORA) -> io.NodeOutput:
+        sources: list[tuple[dict, dict | None, str]] = []
+        if lora is not None:
+            sources.append((dict(as_lora_model(lora)), None, "The connected lora"))
+        if lora_name and lora_name != glue.NO_LORA:
+            tensors, metadata = read_lora_file(lora_name)
+            sources.append((tensors, metadata, f"loras/{lora_name}"))
+        if not sources:
+            raise UserInputError("Load LoRA Model has no LoRA: connect the 'lora' output of Train LoRA or pick a "
+                                 "file in lora_name.")
+        if strength == 0:
+            return io.NodeOutput(model)
+        for tensors, metadata, where in sources:
+            if bypass:
+                adapter_set = adapter_set_for(model, tensors, metadata, where)
+                model = glue.apply_bypass(model, _bypass_attacher(adapter_set, strength))
+            else:
+                model = glue.apply_merged(model, tensors, strength)
+        return io.NodeOutput(model)
+
+
+def _bypass_attacher(adapter_set: AdapterSet, strength: float):
+    def attach(diffusion_model: torch.nn.Module):
+        device = next((p.device for p in diffusion_model.parameters() if p.device.type != "meta"), None)
+        if device is not None:
+            adapter_set.to(device=device)
+        return attach_bypass(diffusion_model, adapter_set, strength)
+
+    return attach
+
+
+class PlotLossGraph(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=PREFIX + "PlotLossGraph",
+            display_name="Plot Loss Graph",
+            category="LoRA Trainer/training",
+            description="Chart of the raw loss, a smoothed curve and the validation loss over optimizer steps; "
+                        "shown here and saved as PNG under output/.",
+            search_aliases=["loss chart", "training graph", "plot loss"],
+            is_output_node=True,
+            inputs=[
+                LOSS_MAP.Input("loss", tooltip="The 'loss_map' output of Train LoRA (ours or ComfyUI's)."),
+                io.String.Input("filename_prefix", default="loss_graph",
+                                tooltip="PNG name prefix under output/ (subfolders allowed); a counter is appended."),
+                io.Boolean.Input("log_scale", default=False,
+                                 tooltip="Logarithmic loss axis: shows late, small improvements better."),
+            ],
+            outputs=[io.Image.Output(display_name="image", tooltip="The chart as an image.")],
+        )
+
+    @classmethod
+    def execute(cls, loss, filename_prefix, log_scale) -> io.NodeOutput:
+        values, steps, validation = loss_series(loss)
+        summary = loss_summary(values)
+        title = "Training loss" + (f" (last {summary['last_mean']:.4f})" if summary else "")
+        png = loss_chart_png(values, steps=steps, val_loss=validation, log_scale=log_scale, title=title)
+        path, subfolder = glue.output_image_path(filename_prefix)
+        write_atomically(str(path), png)
+        image = glue.png_to_pil(png).convert("RGB")
+        tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)
+        saved = ui.SavedImages([ui.SavedResult(path.name, subfolder, io.FolderType.output)])
+        return io.NodeOutput(tensor, ui=saved)
+
+
+def loss_series(loss_map) -> tuple[list[float], list[int] | None, list[tuple[int, float]]]:
+    """(loss values, their steps or None, (step, validation loss) pairs) from any LOSS_MAP."""
+    if not isinstance(loss_map, dict) or "loss" not in loss_map:
+        raise UserInputError("The loss input is not a loss map: connect the 'loss_map' output of Train LoRA.")
+    values = [float(v) for v in loss_map["loss"]]
+    steps = loss_map.get("steps")
+    steps = [int(s) for s in steps] if steps is not None and len(steps) == len(values) else None
+    val = loss_map.get("val_loss") or []
+    val_steps = loss_map.get("val_steps") or []
+    validation = []
+    if val and len(val_steps) == len(val):
+        validation = [(int(s), float(v)) for s, v in zip(val_steps, val)]
+    elif val and isinstance(val[0], (list, tuple)):
+        validation = [(int(s), float(v)) for s, v in val]
+    if not values and not validation:
+        raise UserInputError("The loss map is empty: train for at least one step before plotting.")
+    return values, steps, validation
+
+
+NODES = [SaveLoRAWeights, LoadLoRAModel, PlotLossGraph]

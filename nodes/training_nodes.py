@@ -1,0 +1,350 @@
+"""Train LoRA: widgets -> `TrainConfig`, dataset lists -> `TrainingData`, then lora_core's `train`
+inside a ComfyUI training session (see comfy_glue). Checkpoints (every N steps, on cancel, on a
+non-finite loss) go to the loras folder so `existing_lora` can continue from them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import torch
+from comfy_api.latest import io
+
+from ..lora_core import resume
+from ..lora_core.adapters import AdapterSpec
+from ..lora_core.adapters.spec import ALGORITHMS
+from ..lora_core.errors import UserInputError
+from ..lora_core.lora_model import LoraModel
+from ..lora_core.objectives import ObjectiveConfig
+from ..lora_core.plotting import loss_chart_png
+from ..lora_core.schedule import check_scheduler
+from ..lora_core.targets import PRESETS, TargetSpec
+from ..lora_core.trainer import NonFiniteLoss, TrainCallbacks, TrainConfig, TrainingData, TrainResult, train
+from . import comfy_glue as glue
+from .lists import loss_summary, single, training_samples
+from .lora_nodes import LORA_MODEL, LOSS_MAP, write_lora
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "LoRA Trainer/training"
+PREFIX = "LoRATrainer_"
+
+OPTIMIZER_LABELS = {"AdamW": "adamw", "Adam": "adam", "SGD": "sgd", "RMSprop": "rmsprop", "Adafactor": "adafactor"}
+# Offered only when their package is installed: label -> (engine name, import name).
+OPTIONAL_OPTIMIZER_LABELS = {"Prodigy": ("prodigy", "prodigyopt"), "Lion": ("lion", "lion_pytorch"),
+                             "AdamW8bit": ("adamw8bit", "bitsandbytes")}
+LOSS_LABELS = {"MSE": "mse", "L1": "l1", "Huber": "huber", "SmoothL1": "smooth_l1"}
+ALGORITHM_LABELS = {"LoRA": "lora", "LoHa": "loha", "LoKr": "lokr", "OFT": "oft"}
+LORA_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def optimizer_labels() -> list[str]:
+    labels = list(OPTIMIZER_LABELS)
+    labels += [label for label, (_, module) in OPTIONAL_OPTIMIZER_LABELS.items()
+               if importlib.util.find_spec(module) is not None]
+    return labels
+
+
+def optimizer_name(label: str) -> str:
+    if label in OPTIMIZER_LABELS:
+        return OPTIMIZER_LABELS[label]
+    if label in OPTIONAL_OPTIMIZER_LABELS:
+        return OPTIONAL_OPTIMIZER_LABELS[label][0]
+    return label
+
+
+def patterns(text: str) -> list[str]:
+    """Comma- or newline-separated regular expressions."""
+    return [p.strip() for chunk in text.splitlines() for p in chunk.split(",") if p.strip()]
+
+
+def train_config(v: dict, mixed_sizes: bool) -> TrainConfig:
+    """The engine's config from the widget values (validated there)."""
+    batch_size, accumulation = v["batch_size"], v["grad_accumulation_steps"]
+    if mixed_sizes and not v["bucket_mode"] and batch_size > 1:
+        # ComfyUI's trainer runs mixed sizes one sample at a time: same gradient, flat memory.
+        batch_size, accumulation = 1, batch_size * accumulation
+    return TrainConfig(
+        steps=v["steps"],
+        batch_size=batch_size,
+        grad_accumulation_steps=accumulation,
+        learning_rate=v["learning_rate"],
+        optimizer=optimizer_name(v["optimizer"]),
+        weight_decay=v["weight_decay"],
+        lr_scheduler=check_scheduler(v["lr_scheduler"]),
+        warmup_steps=v["warmup_steps"],
+        loraplus_ratio=v["loraplus_ratio"],
+        max_grad_norm=v["max_grad_norm"],
+        objective=ObjectiveConfig(
+            target=v["objective"],
+            timestep_sampling=v["timestep_sampling"],
+            shift=v["timestep_shift"],
+            loss_weighting=v["loss_weighting"],
+            min_snr_gamma=v["min_snr_gamma"],
+            loss_function=LOSS_LABELS.get(v["loss_function"], v["loss_function"]),
+            noise_offset=v["noise_offset"],
+        ),
+        adapter=AdapterSpec(
+            algorithm=ALGORITHM_LABELS.get(v["algorithm"], v["algorithm"]),
+            rank=v["rank"],
+            alpha=v["alpha"],
+            lokr_factor=v["lokr_factor"],
+            oft_block_size=v["oft_block_size"],
+        ),
+        targets=TargetSpec(
+            preset=v["target_preset"],
+            include=patterns(v["include_patterns"]),
+            exclude=patterns(v["exclude_patterns"]),
+            train_norms_and_biases=v["train_norms_and_biases"],
+        ),
+        seed=v["seed"],
+        training_dtype=v["training_dtype"],
+        bypass=v["bypass_mode"],
+        gradient_checkpointing=v["gradient_checkpointing"],
+        checkpoint_depth=v["checkpoint_depth"],
+        save_every_steps=v["save_every_steps"],
+        validation_every_steps=v["validation_every_steps"],
+        validation_samples=v["validation_samples"],
+    )
+
+
+# Widgets that shape the run but are not part of TrainConfig, recorded in the file too.
+NODE_ONLY_SETTINGS = ("lora_dtype", "offloading", "quantized_backward", "bucket_mode", "existing_lora")
+
+
+def lora_output(result: TrainResult, config: TrainConfig, v: dict, base_model: str,
+                prediction_type: str) -> LoraModel:
+    """The LORA_MODEL: ComfyUI-internal tensors in lora_dtype (alphas stay float32), metadata,
+    optimizer state."""
+    dtype = LORA_DTYPES[v["lora_dtype"]]
+    tensors = {
+        key: tensor if key.endswith(".alpha") or not tensor.is_floating_point() else tensor.to(dtype)
+        for key, tensor in result.adapter_set.to_state_dict().items()
+    }
+    metadata = resume.training_metadata(config, result.total_steps, result.loss, extra={
+        "base_model": base_model,
+        "prediction_type": prediction_type,
+        "node_settings": {name: v[name] for name in NODE_ONLY_SETTINGS},
+        "loss_summary": loss_summary(result.loss),
+        "stopped_early": str(result.stopped_early).lower(),
+    })
+    return LoraModel({k: t.detach().cpu() for k, t in tensors.items()}, metadata, result.optimizer_state)
+
+
+class TrainLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=PREFIX + "TrainLoRA",
+            display_name="Train LoRA",
+            category=CATEGORY,
+            description="Train a LoRA / LoHa / LoKr / OFT adapter on the model from latents and their captions. "
+                        "Shows the loss and a live chart; cancel keeps a checkpoint in the loras folder.",
+            search_aliases=["train lora", "finetune", "lycoris"],
+            is_input_list=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to train on (from your checkpoint / UNet loader; "
+                                                "LoRAs already applied stay applied and are trained on top)."),
+                io.Latent.Input("latents", tooltip="Training latents: Make Training Dataset, Load Training Dataset or "
+                                                   "Resolution Bucket. Mixed sizes train in per-size batches."),
+                io.Conditioning.Input("positive", tooltip="One conditioning per latent (same order), or a single one "
+                                                          "for every latent."),
+                io.Int.Input("steps", default=200, min=1, max=100000,
+                             tooltip="Optimizer steps in this run (100-2000 typical). Resumed runs add to the total."),
+                io.Int.Input("batch_size", default=1, min=1, max=64,
+                             tooltip="Samples per forward pass (1-4 on consumer GPUs). Memory grows with it."),
+                io.Int.Input("grad_accumulation_steps", default=1, min=1, max=1024,
+                             tooltip="Micro-batches summed per optimizer step: a bigger effective batch without "
+                                     "more memory (1-8)."),
+                io.Float.Input("learning_rate", default=0.0001, min=0.0000001, max=1.0, step=0.000001,
+                               tooltip="Step size: 1e-4 for LoRA with alpha = rank, 1e-5..5e-4 usual; Prodigy "
+                                       "wants 1.0."),
+                io.Int.Input("rank", default=16, min=1, max=256,
+                             tooltip="Adapter size: 4-32 for a subject or style, higher for more detail "
+                                     "(bigger file)."),
+                io.Float.Input("alpha", default=16.0, min=0.0, max=1024.0, step=0.5,
+                               tooltip="LoRA / LoHa / LoKr scale = alpha / rank (alpha = rank: scale 1). "
+                                       "OFT: the constraint, 0 = none."),
+                io.Combo.Input("algorithm", options=list(ALGORITHM_LABELS), default="LoRA",
+                               tooltip="LoRA: standard, recommended. LoHa: Hadamard product, more expressive per "
+                                       "parameter. LoKr: Kronecker product, smallest files. OFT: orthogonal "
+                                       "fine-tuning, keeps the model's style stable."),
+                io.Combo.Input("optimizer", options=optimizer_labels(), default="AdamW",
+                               tooltip="AdamW is the safe choice. Prodigy / Lion / AdamW8bit appear when their "
+                                       "package is installed."),
+                io.Combo.Input("loss_function", options=list(LOSS_LABELS), default="MSE",
+                               tooltip="MSE is standard; Huber / SmoothL1 are less sensitive to outliers; L1 is "
+                                       "sharper but noisier."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seeds adapter init, noise, timesteps and batch order: the same seed and "
+                                     "inputs give the same LoRA on CPU."),
+                io.Combo.Input("training_dtype", options=["bf16", "fp16", "fp32", "none"], default="bf16",
+                               tooltip="Compute dtype of the forward pass. bf16 on modern GPUs; fp16 for older "
+                                       "ones (loss scaling on); fp32 slow but exact; none = the model's own dtype "
+                                       "(quantized models, with bypass_mode)."),
+                io.Combo.Input("lora_dtype", options=list(LORA_DTYPES), default="bf16",
+                               tooltip="Dtype of the output LoRA tensors (training itself keeps float32 weights). "
+                                       "bf16 halves the file; fp32 keeps every bit."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute each block in the backward pass: far less memory, about 30% "
+                                         "slower. Keep on unless memory is plentiful."),
+                io.Int.Input("checkpoint_depth", default=1, min=1, max=5,
+                             tooltip="1 = checkpoint each block of the model's block lists; 2+ = their "
+                                     "sub-blocks instead (for very large blocks)."),
+                io.Boolean.Input("offloading", default=False,
+                                 tooltip="Keep frozen weights in system RAM and stream them to the GPU layer by "
+                                         "layer: trains models larger than VRAM, slower."),
+                io.Boolean.Input("bypass_mode", default=False,
+                                 tooltip="Apply adapters beside each layer (forward hooks) instead of W + dW: base "
+                                         "weights are never read as a whole. Needed for FP8/FP4 (quantized) models."),
+                io.Boolean.Input("quantized_backward", default=False,
+                                 tooltip="With training_dtype 'none' on a quantized model: run the backward matmuls "
+                                         "in the quantized format too (less memory, a bit less exact)."),
+                io.Boolean.Input("bucket_mode", default=True,
+                                 tooltip="On: latents of different sizes train in batches of one size each. Off: "
+                                         "with mixed sizes, each sample of a batch runs on its own (as ComfyUI's "
+                                         "trainer does): same result, lower peak memory, slower."),
+                io.Combo.Input("existing_lora", options=[glue.NO_LORA] + glue.lora_names(), default=glue.NO_LORA,
+                               tooltip="Continue training this LoRA file (step count, settings and optimizer state "
+                                       "from the file). [None] = start a new LoRA."),
+                # ---- advanced ------------------------------------------------------------------
+                io.Combo.Input("objective", options=["native", "x0"], default="native", optional=True, advanced=True,
+                               tooltip="native: the model's own target (eps / v / flow velocity), recommended. "
+                                       "x0: compare denoised latents, as ComfyUI's built-in trainer does."),
+                io.Combo.Input("timestep_sampling", options=["uniform", "logit_normal", "shifted"],
+                               default="uniform", optional=True, advanced=True,
+                               tooltip="How noise levels are drawn: uniform (SD1.5/SDXL), logit_normal (SD3 / "
+                                       "Flux style, favours the middle), shifted (more high-noise steps)."),
+                io.Float.Input("timestep_shift", default=3.0, min=0.1, max=20.0, step=0.1, optional=True, advanced=True,
+                               tooltip="Shift for 'shifted' sampling: > 1 means more high-noise steps (3 is usual)."),
+                io.Combo.Input("loss_weighting", options=["none", "min_snr"], default="none", optional=True, advanced=True,
+                               tooltip="min_snr: Min-SNR-gamma weighting, steadier training for eps / v models."),
+                io.Float.Input("min_snr_gamma", default=5.0, min=0.1, max=100.0, step=0.1, optional=True, advanced=True,
+                               tooltip="gamma of Min-SNR weighting (5 is the paper's value)."),
+                io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01, optional=True, advanced=True,
+                               tooltip="Extra per-channel noise so the model learns very dark / bright images "
+                                       "(0 = off, 0.05 typical)."),
+                io.Combo.Input("lr_scheduler", options=["constant", "linear", "cosine"], default="constant",
+                               optional=True, advanced=True, tooltip="Learning-rate schedule over the run's steps."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True, advanced=True,
+                             tooltip="Steps of linear learning-rate warmup from 0 (0-100 usual)."),
+                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1, optional=True, advanced=True,
+                               tooltip="Clip the gradient norm to this (1.0 usual); 0 = no clipping."),
+                io.Float.Input("weight_decay", default=0.01, min=0.0, max=1.0, step=0.001, optional=True, advanced=True,
+                               tooltip="Decoupled weight decay (AdamW) pulling adapter weights towards 0 "
+                                       "(0-0.1)."),
+                io.Float.Input("loraplus_ratio", default=1.0, min=0.01, max=64.0, step=0.5, optional=True, advanced=True,
+                               tooltip="LoRA+: the up factors learn this many times faster (16 in the paper); "
+                                       "1 = off."),
+                io.Combo.Input("target_preset", options=list(PRESETS) + ["none"], default="attention_mlp",
+                               optional=True, advanced=True,
+                               tooltip="Which layers get adapters: attention, attention + MLP (default), all "
+                                       "Linear/Conv layers, or none (only include_patterns)."),
+                io.String.Input("include_patterns", default="", optional=True, advanced=True,
+                                tooltip="Extra layers: regular expressions on module names, comma or newline "
+                                        "separated, e.g. 'proj_in, time_embed'."),
+                io.String.Input("exclude_patterns", default="", optional=True, advanced=True,
+                                tooltip="Layers to leave out (wins over preset and include), e.g. "
+                                        "'single_blocks\\.(3[0-7])\\.'."),
+                io.Boolean.Input("train_norms_and_biases", default=False, optional=True, advanced=True,
+                                 tooltip="Also train norm weights and the biases of adapted layers (small; can "
+                                         "help style LoRAs)."),
+                io.Int.Input("lokr_factor", default=-1, min=-1, max=256, optional=True, advanced=True,
+                             tooltip="LoKr: Kronecker factor of the first dimension (-1 = balanced)."),
+                io.Int.Input("oft_block_size", default=32, min=2, max=1024, optional=True, advanced=True,
+                             tooltip="OFT: size of the orthogonal blocks (32 usual)."),
+                io.Int.Input("save_every_steps", default=0, min=0, max=100000, optional=True, advanced=True,
+                             tooltip="Write a checkpoint to the loras folder every N steps (0 = only on cancel "
+                                     "and errors)."),
+                io.String.Input("checkpoint_prefix", default="checkpoints/lora", optional=True, advanced=True,
+                                tooltip="Checkpoint file prefix inside models/loras/."),
+                io.Int.Input("validation_every_steps", default=0, min=0, max=100000, optional=True, advanced=True,
+                             tooltip="Every N steps, the loss on the first samples at fixed noise (comparable "
+                                     "across steps; 0 = off)."),
+                io.Int.Input("validation_samples", default=4, min=1, max=1000, optional=True, advanced=True,
+                             tooltip="How many samples the validation loss uses."),
+            ],
+            outputs=[
+                LORA_MODEL.Output(display_name="lora", tooltip="The trained LoRA weights (with metadata)."),
+                LOSS_MAP.Output(display_name="loss_map", tooltip="Loss per step (plus validation loss, lr)."),
+                io.Int.Output(display_name="steps", tooltip="Total steps, including steps of a resumed LoRA."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, latents, positive, **widgets) -> io.NodeOutput:
+        # Advanced inputs are optional so API prompts may leave them out: fill in their defaults.
+        values = {i.id: i.default for i in cls.define_schema().inputs if getattr(i, "default", None) is not None}
+        values.update({name: single(value) for name, value in widgets.items()})
+        model = single(model)
+        samples, conds = training_samples(latents, positive)
+        mixed_sizes = len({tuple(x.shape) for x in samples}) > 1
+        config = train_config(values, mixed_sizes)
+        data = TrainingData(latents=samples, conds=conds)
+        return run_training(model, data, config, values)
+
+
+def run_training(model, data: TrainingData, config: TrainConfig, v: dict) -> io.NodeOutput:
+    base_model = glue.base_model_name(model)
+    checkpoints = CheckpointWriter(config, v, base_model)
+    with glue.training_session(model, None, v["offloading"], v["quantized_backward"]) as denoiser:
+        checkpoints.prediction_type = denoiser.prediction_type
+        resume = load_resume(v["existing_lora"], denoiser, config)
+        start = resume.steps_done if resume is not None else 0
+        history: list[float] = []
+        progress = glue.TrainingProgress(config.steps, chart=_chart)
+
+        def on_step(step: int, loss: float, lr: float) -> None:
+            history.append(loss)
+            progress.update(step - start, loss, history, lr=lr)
+
+        callbacks = TrainCallbacks(on_step=on_step, should_stop=glue.processing_interrupted,
+                                   on_checkpoint=checkpoints.on_checkpoint)
+        try:
+            result = train(denoiser, data, config, callbacks, resume)
+        except NonFiniteLoss as stop:
+            path = checkpoints.write_result(stop.result)
+            raise UserInputError(f"{stop} Last good weights: loras/{path}.") from stop
+        lora = lora_output(result, config, v, base_model, denoiser.prediction_type)
+    if result.stopped_early:
+        path = checkpoints.write(lora, result.total_steps)
+        log.info("[LoRA Trainer] cancelled at step %d; checkpoint %s", result.total_steps, path)
+        glue.raise_if_interrupted()
+    return io.NodeOutput(lora, result.loss_map(), result.total_steps)
+
+
+def _chart(history: list[float], val_loss) -> object:
+    return glue.png_to_pil(loss_chart_png(history, title=f"Training loss ({len(history)} steps)"))
+
+
+def load_resume(name: str, denoiser, config: TrainConfig):
+    if not name or name == glue.NO_LORA:
+        return None
+    return resume.resume_from_file(glue.lora_path(name), denoiser, config)
+
+
+class CheckpointWriter:
+    """Writes LoRA checkpoints (with optimizer state) into the loras folder during and after a run."""
+
+    def __init__(self, config: TrainConfig, values: dict, base_model: str):
+        self.config = config
+        self.values = values
+        self.base_model = base_model
+        self.prediction_type = ""
+
+    def on_checkpoint(self, step: int, adapter_set, optimizer_state: dict) -> None:
+        result = TrainResult(adapter_set, [], [], [], [], step, optimizer_state)
+        path = self.write_result(result)
+        glue.send_text(f"checkpoint at step {step}: loras/{path}")
+
+    def write_result(self, result: TrainResult) -> str:
+        lora = lora_output(result, self.config, self.values, self.base_model, self.prediction_type)
+        return self.write(lora, result.total_steps)
+
+    def write(self, lora: LoraModel, steps: int) -> str:
+        from .lora_nodes import relative_lora_name
+
+        return relative_lora_name(write_lora(lora, self.values["checkpoint_prefix"], steps))
+
+
+NODES = [TrainLoRA]
