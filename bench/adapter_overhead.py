@@ -6,7 +6,11 @@ configuration runs interleaved with the others, several times, and the table sho
 ratios. Targets: LoRA bypass <= 1.10x, LoHa / LoKr / OFT <= 1.30x in their best mode, LoRA
 bypass faster than LoRA merged.
 
-    python bench/adapter_overhead.py [--tokens 512] [--repeats 5]
+    python bench/adapter_overhead.py [--tokens 256] [--threads 1] [--repeats 5]
+
+One thread by default: on a shared machine OpenMP barriers make the small adapter matmuls look
+up to 30x slower than they are, which measures the neighbours, not the adapters. On an idle
+2-core machine `--threads 2 --tokens 512` gives a base step of about a second too.
 """
 
 from __future__ import annotations
@@ -54,11 +58,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--depth", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default). On a "
-                        "loaded machine use 1: OpenMP barriers make small matmuls look 30x slower")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,20 +85,24 @@ def main() -> None:
 
     for name in configs:  # warm-up: allocator, optimizer state
         run(name)
-    times = {name: [] for name in configs}
+    wall = {name: [] for name in configs}
+    cpu = {name: [] for name in configs}
     for _ in range(args.repeats):
         for name in configs:
-            start = time.perf_counter()
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
             run(name)
-            times[name].append(time.perf_counter() - start)
+            wall[name].append(time.perf_counter() - start_wall)
+            cpu[name].append(time.process_time() - start_cpu)
 
-    base = statistics.median(times["base"])
+    base_wall, base_cpu = statistics.median(wall["base"]), statistics.median(cpu["base"])
     print(f"{args.depth} x Linear({args.width}, {args.width}) + GELU, {args.tokens} tokens, rank {args.rank}, "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats (median)")
-    print(f"{'config':<16}{'seconds':>10}{'ratio':>8}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:<16}{median:>10.3f}{median / base:>7.2f}x")
+    # CPU time of this process is what the adapters cost; wall time also counts the time other
+    # processes on a shared machine held the cores.
+    print(f"{'config':<16}{'cpu s':>8}{'cpu ratio':>11}{'wall s':>9}{'wall ratio':>12}")
+    for name in configs:
+        cpu_median, wall_median = statistics.median(cpu[name]), statistics.median(wall[name])
+        print(f"{name:<16}{cpu_median:>8.3f}{cpu_median / base_cpu:>10.2f}x{wall_median:>9.3f}{wall_median / base_wall:>11.2f}x")
 
 
 if __name__ == "__main__":

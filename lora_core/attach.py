@@ -81,6 +81,18 @@ def _module(model: nn.Module, name: str) -> nn.Module:
         ) from None
 
 
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The input tensor of a Linear/Conv/norm call, positional or passed by keyword."""
+    if args:
+        return args[0]
+    return kwargs["input"] if "input" in kwargs else next(iter(kwargs.values()))
+
+
+def _hook(module: nn.Module, hook) -> Callable[[], None]:
+    """Register an output hook that also sees keyword arguments; return its remover."""
+    return module.register_forward_hook(hook, with_kwargs=True).remove
+
+
 def _channel_shape(tensor: torch.Tensor, output: torch.Tensor, channel_dim: int) -> torch.Tensor:
     shape = [1] * output.dim()
     shape[channel_dim] = -1
@@ -93,18 +105,18 @@ def attach_bypass(model: nn.Module, adapter_set: AdapterSet, strength: float = 1
         for name, adapter in adapter_set.adapter_items():
             layer = _module(model, name)
             hook = _adapter_hook(adapter, LayerGeometry.of(layer, name), adapter_set.bias_diff(name), strength)
-            attachment.on_remove(layer.register_forward_hook(hook).remove)
+            attachment.on_remove(_hook(layer, hook))
         adapted = {name for name, _ in adapter_set.adapter_items()}
         weights = dict(adapter_set.weight_diff_items())
         for name, bias_diff in adapter_set.bias_diff_items():
             if name not in adapted and name not in weights:
                 hook = _bias_hook(bias_diff, strength)
-                attachment.on_remove(_module(model, name).register_forward_hook(hook).remove)
+                attachment.on_remove(_hook(_module(model, name), hook))
         for name, weight_diff in weights.items():
             module = _module(model, name)
             bias_diff = None if name in adapted else adapter_set.bias_diff(name)
             hook = _weight_diff_hook(module, name, weight_diff, bias_diff, strength)
-            attachment.on_remove(module.register_forward_hook(hook).remove)
+            attachment.on_remove(_hook(module, hook))
 
     return _build(fill)
 
@@ -112,10 +124,10 @@ def attach_bypass(model: nn.Module, adapter_set: AdapterSet, strength: float = 1
 def _adapter_hook(adapter: Adapter, geometry: LayerGeometry, bias_diff: torch.Tensor | None, strength: float):
     channel_dim = 1 if geometry.is_conv else -1
 
-    def hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def hook(layer: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         bias = getattr(layer, "bias", None)
         bias = bias if isinstance(bias, torch.Tensor) else None
-        output = adapter.bypass_with_geometry(args[0], output, geometry, bias, strength)
+        output = adapter.bypass_with_geometry(_layer_input(args, kwargs), output, geometry, bias, strength)
         if bias_diff is not None:
             output = output + _channel_shape(bias_diff * strength, output, channel_dim)
         return output
@@ -129,7 +141,7 @@ def _channel_dim(module: nn.Module) -> int:
 
 
 def _bias_hook(bias_diff: torch.Tensor, strength: float):
-    def hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def hook(layer: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         return output + _channel_shape(bias_diff * strength, output, _channel_dim(layer))
 
     return hook
@@ -168,8 +180,8 @@ def _weight_diff_hook(module: nn.Module, name: str, weight_diff: torch.Tensor, b
             "which bypass mode cannot apply. Use merge mode for this LoRA."
         )
 
-    def hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        output = output + change(args[0], output)
+    def hook(layer: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        output = output + change(_layer_input(args, kwargs), output)
         if bias_diff is not None:
             output = output + _channel_shape(bias_diff * strength, output, channel_dim)
         return output

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from .atomic import write_bytes_atomically
 from .errors import UserInputError
 from .keys import INTERNAL_PREFIX, to_internal, to_kohya
 
-__all__ = ["FORMAT_VERSION", "atomic_path", "load_lora", "lora_metadata", "save_kohya_lora", "save_lora", "to_internal", "to_kohya"]
+__all__ = ["FORMAT_VERSION", "load_lora", "lora_metadata", "save_kohya_lora", "save_lora", "to_internal", "to_kohya"]
 
 FORMAT_VERSION = "1"
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own cap on header size
@@ -52,16 +53,11 @@ def lora_metadata(
         "ss_network_module": kohya_module,
         "ss_steps": str(steps),
     }
-    if algorithm != "lora":
-        metadata["ss_network_args"] = json.dumps({"algo": algorithm})
+    if algorithm != "lora":  # LyCORIS' names for the algorithm
+        metadata["ss_network_args"] = json.dumps({"algo": "diag-oft" if algorithm == "oft" else algorithm})
     for key, value in (extra or {}).items():
         metadata[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return metadata
-
-
-def atomic_path(path: Path) -> Path:
-    """A temporary name beside path (same folder, so the final rename is atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def save_lora(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
@@ -72,17 +68,7 @@ def save_lora(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta
     header = {str(k): v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str) for k, v in (metadata or {}).items()}
     tensors = {key: tensor.detach().to("cpu").contiguous() for key, tensor in state_dict.items()}
     tensors = _unshared(tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = atomic_path(path)
-    finished = False
-    try:
-        save_file(tensors, str(temporary), metadata=header)
-        os.replace(temporary, path)
-        finished = True
-    finally:
-        if not finished and temporary.exists():
-            temporary.unlink()
-    return path
+    return write_bytes_atomically(path, save(tensors, metadata=header))
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

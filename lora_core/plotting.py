@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from collections.abc import Sequence
 
 import matplotlib
@@ -19,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from .atomic import write_bytes_atomically  # noqa: E402
 
 
 def smoothed(values: Sequence[float], beta: float = 0.9) -> list[float]:
@@ -94,25 +95,8 @@ def png_to_array(png: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def write_atomically(path: str, data: bytes) -> str:
-    """Write to a temporary name beside `path`, then rename: readers never see half a file."""
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    finished = False
-    try:
-        with open(temporary, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-        finished = True
-    finally:
-        if not finished and os.path.exists(temporary):
-            os.remove(temporary)
-    return path
-
-
 def save_loss_chart(path: str, loss: Sequence[float], **chart_options) -> np.ndarray:
     """Write the chart PNG to `path` atomically and return it as an HxWx3 array for previews."""
     png = loss_chart_png(loss, **chart_options)
-    write_atomically(path, png)
+    write_bytes_atomically(path, png)
     return png_to_array(png)

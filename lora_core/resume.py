@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save
 from .adapter_set import AdapterSet
 from .denoiser import Denoiser
 from .errors import UserInputError
-from .files import atomic_path, load_lora, lora_metadata, read_header, save_lora
+from .atomic import write_bytes_atomically
+from .files import load_lora, lora_metadata, read_header, save_lora
 from .keys import to_internal
 from .optim import normalise_optimizer_name
 from .trainer import ResumePoint, TrainConfig
@@ -57,18 +58,7 @@ def save_optimizer_state(path: str | Path, optimizer_state: dict, optimizer: str
         "param_groups": json.dumps(optimizer_state["param_groups"], default=str),
         "scalar_state": json.dumps(scalars),
     }
-    path = Path(path)
-    temporary = atomic_path(path)
-    finished = False
-    try:
-        # Bytes through open() rather than save_file, which creates files readable by the owner only.
-        temporary.write_bytes(save(tensors, metadata=metadata))
-        temporary.replace(path)
-        finished = True
-    finally:
-        if not finished and temporary.exists():
-            temporary.unlink()
-    return path
+    return write_bytes_atomically(path, save(tensors, metadata=metadata))
 
 
 def load_optimizer_state(path: str | Path) -> tuple[dict, str]:

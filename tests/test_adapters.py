@@ -311,3 +311,41 @@ def test_non_adaptable_layer_is_user_error():
 def test_loha_rank_and_type():
     adapter = create_adapter(spec_for("loha", 3), nn.Linear(12, 16), torch.Generator().manual_seed(0))
     assert isinstance(adapter, LoHa) and adapter.rank == 3 and adapter.scale == 1.0
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (lambda: nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"), (2, 4, 6, 6)),
+        (lambda: nn.Conv1d(4, 8, 3, padding="same", dilation=2), (2, 4, 10)),
+        (lambda: nn.Conv3d(4, 8, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), padding_mode="circular"), (1, 4, 2, 6, 6)),
+    ],
+    ids=["reflect", "same_dilated", "circular_3d"],
+)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_conv_settings_are_honoured_in_bypass(algorithm, layer, shape):
+    torch.manual_seed(0)
+    layer = layer()
+    x = torch.randn(shape)
+    adapter = randomized(create_adapter(spec_for(algorithm), layer, torch.Generator().manual_seed(0)))
+    merged = copy.deepcopy(layer)
+    with torch.no_grad():
+        merged.weight += adapter.delta_weight(layer.weight)
+    torch.testing.assert_close(adapter.bypass_output(x, layer(x), layer, 1.0), merged(x), rtol=1e-4, atol=1e-5)
+
+
+def test_lokr_foreign_factored_w1_and_conv2d_full_w2_mean_what_comfyui_computes():
+    generator = torch.Generator().manual_seed(0)
+    layer = nn.Conv2d(8, 16, 3, padding=1)
+    tensors = {
+        "lokr_w1_a": torch.randn(4, 2, generator=generator),
+        "lokr_w1_b": torch.randn(2, 2, generator=generator),
+        "lokr_w2": torch.randn(4, 4, 3, 3, generator=generator),
+        "alpha": torch.tensor(3.0),
+    }
+    adapter = adapter_from_tensors(tensors, layer, "conv")
+    assert adapter.scale == 1.5  # alpha / rows of lokr_w1_b, as ComfyUI's loader divides
+    torch.testing.assert_close(adapter.delta_weight(layer.weight), comfy_delta(tensors, layer.weight.detach()))
+    x = torch.randn(1, 8, 5, 5)
+    merged = F.conv2d(x, layer.weight + adapter.delta_weight(layer.weight), layer.bias, padding=1)
+    torch.testing.assert_close(adapter.bypass_output(x, layer(x), layer, 1.0), merged, rtol=1e-4, atol=1e-5)

@@ -149,7 +149,7 @@ def assert_bit_identical(model, before):
     for key, value in before.items():
         assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
-    assert all(not m._forward_hooks for m in model.modules())
+    assert all(not m._forward_hooks and not m._forward_hooks_with_kwargs for m in model.modules())
 
 
 def model_and_input(seed=0):
@@ -253,6 +253,15 @@ def test_stacking_two_sets_applies_both_deltas(modes):
     with attach_merged(model, second, -0.8):
         torch.testing.assert_close(alone, model(x), rtol=1e-4, atol=1e-5)
     assert_bit_identical(model, before)
+
+
+def test_bypass_sees_input_passed_by_keyword():
+    layer = Module(attn=Module(to_q=nn.Linear(8, 8)))
+    adapter_set = random_set(layer, "lora", seed=0, targets=TargetSpec(preset="attention"))
+    x = torch.randn(2, 8)
+    with attach_bypass(layer, adapter_set):
+        assert torch.equal(layer.attn.to_q(input=x), layer.attn.to_q(x))
+        assert not torch.equal(layer.attn.to_q(x), nn.functional.linear(x, layer.attn.to_q.weight, layer.attn.to_q.bias))
 
 
 def test_remove_is_idempotent():

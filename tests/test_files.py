@@ -77,22 +77,22 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
     save_lora(path, {"a.alpha": torch.tensor(1.0)}, {"steps": "1"})
     original = path.read_bytes()
 
-    def failing_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"half a file")
+    # The new bytes are half on disk when the failure (or a cancel) arrives.
+    from lora_core import atomic
+
+    def failing_sync(descriptor):
         raise OSError("disk full")
 
-    monkeypatch.setattr(files, "save_file", failing_save)
+    monkeypatch.setattr(atomic.os, "fsync", failing_sync)
     with pytest.raises(OSError, match="disk full"):
         save_lora(path, {"a.alpha": torch.tensor(2.0)}, {"steps": "2"})
     assert path.read_bytes() == original
     assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
 
-    def cancelled_save(tensors, filename, metadata=None):
-        open(filename, "wb").close()
+    def cancelled_sync(descriptor):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(files, "save_file", cancelled_save)
+    monkeypatch.setattr(atomic.os, "fsync", cancelled_sync)
     with pytest.raises(KeyboardInterrupt):
         save_lora(path, {"a.alpha": torch.tensor(2.0)})
     assert path.read_bytes() == original

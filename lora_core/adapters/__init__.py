@@ -30,6 +30,7 @@ __all__ = [
     "OFT",
     "adaptable",
     "adapter_from_tensors",
+    "algorithm_of",
     "block_size_for",
     "conv_dims",
     "create_adapter",

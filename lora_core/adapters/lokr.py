@@ -127,19 +127,25 @@ class LoKr(Adapter):
         tensors["alpha"] = scalar(self.alpha)
         return tensors
 
+    def _w1_shape(self) -> tuple[int, int]:
+        if "lokr_w1" in self.w1_parts:
+            return tuple(self.lokr_w1.shape)
+        return (self.lokr_w1_a.shape[0], self.lokr_w1_b.shape[1])
+
     def implied_weight_shape(self) -> tuple[int, ...]:
-        w1 = self._w1(torch.float32) if "lokr_w1" not in self.w1_parts else self.lokr_w1
-        w2 = self.lokr_w2 if "lokr_w2" in self.w2_parts else None
-        if w2 is not None and w2.dim() > 2:
-            return (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1], *w2.shape[2:])
-        w2_flat = self._w2(torch.float32) if w2 is None else w2
-        return (w1.shape[0] * w2_flat.shape[0], w1.shape[1] * w2_flat.shape[1])
+        out_m, in_m = self._w1_shape()
+        if "lokr_w2" in self.w2_parts:
+            w2_shape = tuple(self.lokr_w2.shape)
+            if len(w2_shape) > 2:
+                return (out_m * w2_shape[0], in_m * w2_shape[1], *w2_shape[2:])
+        else:
+            w2_shape = (self.lokr_w2_a.shape[0], math.prod(self.lokr_w2_b.shape[1:]))
+        return (out_m * w2_shape[0], in_m * w2_shape[1])
 
     def fits(self, geometry: LayerGeometry) -> bool:
         # The kron splits the input side as (in_m, in_n * kernel): the in factor must divide
         # the layer's input channels, not only the flattened count.
-        w1_in = self.lokr_w1.shape[1] if "lokr_w1" in self.w1_parts else self.lokr_w1_b.shape[1]
-        return super().fits(geometry) and geometry.in_channels % w1_in == 0
+        return super().fits(geometry) and geometry.in_channels % self._w1_shape()[1] == 0
 
     def extra_repr(self) -> str:
         return f"parts={self.w1_parts + self.w2_parts}, alpha={self.alpha}"
