@@ -108,37 +108,6 @@ def whole_model_checkpoint(model):
     return lambda: delattr(model, "forward")
 
 
-def look_through_sequentials() -> None:
-    """Preview of the proposed `lora_core/checkpointing.py` fix (see the issue 7 report): ComfyUI's UNet
-    never calls `input_blocks[i]` / `output_blocks[i]` (TimestepEmbedSequential) itself; its
-    `forward_timestep_embed` calls their children. Looking through nn.Sequential like ModuleList makes
-    those children (ResBlock, SpatialTransformer, Down/Upsample) the checkpoint units."""
-    from torch import nn
-
-    import lora_core.checkpointing as checkpointing
-
-    looked_through = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
-
-    def callable_children(module):
-        found = []
-        for name, child in module.named_children():
-            if isinstance(child, looked_through):
-                found += [(f"{name}.{sub}", grand) for sub, grand in callable_children(child)]
-            elif not checkpointing._is_leaf(child):
-                found.append((name, child))
-        return found
-
-    def direct_layers(module):
-        for child in module.children():
-            if isinstance(child, looked_through):
-                yield from direct_layers(child)
-            elif checkpointing._is_leaf(child):
-                yield child
-
-    checkpointing._callable_children = callable_children
-    checkpointing._direct_layers = direct_layers
-
-
 def weight_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -156,8 +125,6 @@ def worker(options) -> dict:
     from lora_core.targets import TargetSpec
 
     torch.set_num_threads(options.threads)
-    if options.sequential_fix:
-        look_through_sequentials()
     device = torch.device(options.device)
     model = build_unet(options.unet, seed=1234).to(device)
     adapters = AdapterSet.create(model, AdapterSpec(rank=8, alpha=8), TargetSpec(preset="attention_mlp"),
@@ -246,8 +213,6 @@ def run_case(options, mode: str, batch: int) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--mode", mode, "--batch", str(batch),
                "--unet", options.unet, "--device", options.device, "--steps", str(options.steps),
                "--latent", str(options.latent), "--threads", str(options.threads)]
-    if options.sequential_fix:
-        command.append("--sequential-fix")
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
     if done.returncode != 0:
         sys.exit(f"worker {mode} batch {batch} failed:\n{done.stderr[-4000:]}")
@@ -263,8 +228,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="timed optimizer steps (after the warm-up and measured steps)")
     parser.add_argument("--latent", type=int, default=32, help="latent side (32 = 256 px images)")
     parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
-    parser.add_argument("--sequential-fix", action="store_true",
-                        help="preview the proposed checkpointing.py fix for ComfyUI's UNet (see look_through_sequentials)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -277,8 +240,7 @@ def main() -> None:
 
     on_gpu = options.device.startswith("cuda")
     print(f"UNet {options.unet}, {options.latent}x{options.latent} latents, device {options.device}, "
-          f"{options.threads} threads, LoRA rank 8 (attention+MLP, bypass), fp32 on CPU / bf16 autocast on GPU"
-          f"{', checkpoint units with the proposed Sequential fix' if options.sequential_fix else ''}.")
+          f"{options.threads} threads, LoRA rank 8 (attention+MLP, bypass), fp32 on CPU / bf16 autocast on GPU.")
     print("added = peak of tensor allocations during one training step over what the built model holds "
           f"({'max_memory_allocated' if on_gpu else 'profiler allocation events'}); on device = frozen weights "
           "kept on the compute device + added (what a GPU holds at the peak); RSS = peak RSS growth over the "

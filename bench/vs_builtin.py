@@ -485,7 +485,7 @@ def worker_eval(opts):
 # Orchestrator
 # ----------------------------------------------------------------------------------------------------------------
 
-def spawn(opts, extra: list[str]) -> None:
+def spawn(opts, extra: list[str], fatal: bool = True) -> bool:
     cmd = [sys.executable, os.path.abspath(__file__), "--unet", opts.unet, "--resolution", str(opts.resolution),
            "--images", str(opts.images), "--steps", str(opts.steps), "--warmup", str(opts.warmup),
            "--seed", str(opts.seed), "--device", opts.device, "--out-dir", opts.out_dir] + extra
@@ -495,7 +495,11 @@ def spawn(opts, extra: list[str]) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"worker failed (exit {proc.returncode}): {' '.join(extra)}")
+        if fatal:
+            raise SystemExit(f"worker failed (exit {proc.returncode}): {' '.join(extra)}")
+        print(f"  WARNING: worker failed (exit {proc.returncode}); continuing without it", flush=True)
+        return False
+    return True
 
 
 def spread(values: list[float]) -> str:
@@ -609,9 +613,10 @@ def orchestrate(opts):
         if not opts.no_eval:
             paths = [r["lora_path"] for slot in ("builtin", "ours") for r in runs[case_name][slot]]
             eval_out = os.path.join(opts.out_dir, f"eval_{case_name}.json")
-            spawn(opts, ["--worker", "eval", "--case", case_name, "--eval-out", eval_out, "--loras", *paths])
-            with open(eval_out) as f:
-                evals[case_name] = json.load(f)
+            if spawn(opts, ["--worker", "eval", "--case", case_name, "--eval-out", eval_out, "--loras", *paths],
+                     fatal=False):
+                with open(eval_out) as f:
+                    evals[case_name] = json.load(f)
         # the table so far, so an interrupted run still leaves its finished cases
         table = summarize(opts, runs, evals)
         with open(os.path.join(opts.out_dir, "summary.json"), "w") as f:

@@ -39,6 +39,22 @@ def _callable_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _called_blocks(container: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The blocks of a block list whose own forward runs.
+
+    A Sequential member is replaced by its non-leaf members: ComfyUI's UNet steps through each
+    TimestepEmbedSequential child by child and never calls the Sequential's forward, so wrapping
+    it would checkpoint nothing; wrapping its members is equivalent where the forward is called.
+    """
+    found = []
+    for name, child in _callable_children(container):
+        if isinstance(child, nn.Sequential):
+            found += [(f"{name}.{sub}", grand) for sub, grand in _called_blocks(child)]
+        else:
+            found.append((name, child))
+    return found
+
+
 def _direct_layers(module: nn.Module):
     """Leaf children, looking through ModuleList/ModuleDict."""
     for child in module.children():
@@ -78,7 +94,7 @@ def find_checkpoint_blocks(root: nn.Module, depth: int = 1) -> dict[str, nn.Modu
     """Qualified name -> block to checkpoint. Depth 1: the children of the block lists."""
     units: list[tuple[str, nn.Module]] = []
     for list_name, container in _block_lists(root):
-        units += [(f"{list_name}.{name}", child) for name, child in _callable_children(container)]
+        units += [(f"{list_name}.{name}", child) for name, child in _called_blocks(container)]
     for _ in range(depth - 1):
         deeper = []
         for name, unit in units:

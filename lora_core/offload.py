@@ -26,6 +26,7 @@ original Parameter and buffer object back, with its original values on its origi
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -78,7 +79,9 @@ class BlockOffloader:
     `blocks` are the units to stream (default: the same blocks `GradientCheckpointing(root, depth)`
     wraps); they must not overlap. `stream_resident=False` leaves parameters that already sit on
     the compute device alone, for hosts (ComfyUI's partial loading) that placed some weights on the
-    GPU themselves and keep the rest on the CPU.
+    GPU themselves and keep the rest on the CPU. `pin_memory`: None pins the copies this class
+    makes (weights that sat on the GPU) and uses CPU weights in place, so no RAM is doubled; True
+    pins everything (faster transfers, a second copy of CPU weights).
     """
 
     def __init__(
@@ -95,8 +98,6 @@ class BlockOffloader:
         self.compute_device = torch.device(compute_device)
         self.storage_device = torch.device(storage_device)
         self.blocks = dict(blocks) if blocks is not None else find_checkpoint_blocks(root, depth)
-        if pin_memory is None:
-            pin_memory = self.compute_device.type == "cuda" and self.storage_device.type == "cpu"
         self.pin_memory = pin_memory
         self.stream_resident = stream_resident
         self._streamed: dict[str, list[_Streamed]] = {}
@@ -185,28 +186,32 @@ class BlockOffloader:
                 owner_block[id(module)] = block_name
 
     def _plan_streamed(self) -> set[int]:
-        """Move each block's frozen inner parameters to storage; return the ids of streamed params."""
+        """Move each block's frozen inner parameters to storage; return the ids of streamed params.
+
+        A parameter held in two places (tied weights) stays resident: swapping one slot would
+        leave the other pointing at the original."""
+        slots = Counter(id(p) for m in self.root.modules() for p in m._parameters.values() if p is not None)
         inside: set[int] = set()
         with torch.no_grad():
             for block_name, block in self.blocks.items():
-                records = []
+                records = self._streamed[block_name] = []  # filled in place: remove() sees partial work
                 for module in block.modules():
                     if module is block:
                         continue
                     for name, parameter in list(module._parameters.items()):
-                        if parameter is None or parameter.requires_grad or id(parameter) in inside:
+                        if parameter is None or parameter.requires_grad or slots[id(parameter)] > 1:
                             continue
                         if not self.stream_resident and parameter.device == self.compute_device:
                             continue
                         inside.add(id(parameter))
                         records.append(self._stream(module, name, parameter))
-                self._streamed[block_name] = records
         return inside
 
     def _stream(self, owner: nn.Module, name: str, parameter: nn.Parameter) -> _Streamed:
         data = parameter.data
         store = data if data.device == self.storage_device else data.to(self.storage_device, copy=True)
-        if self.pin_memory and not store.is_pinned():
+        pin = self.pin_memory if self.pin_memory is not None else store is not data
+        if pin and self.storage_device.type == "cpu" and self.compute_device.type == "cuda" and not store.is_pinned():
             store = store.pin_memory()
         placeholder = nn.Parameter(torch.empty(tuple(data.shape), dtype=data.dtype, device="meta"), requires_grad=False)
         emptied = data.device != self.storage_device
@@ -250,7 +255,7 @@ class BlockOffloader:
         for other in list(self._loaded):
             self._release(other)
         for record in self._streamed[block_name]:
-            copy = record.store.to(self.compute_device, non_blocking=self.pin_memory, copy=True)
+            copy = record.store.to(self.compute_device, non_blocking=record.store.is_pinned(), copy=True)
             record.owner._parameters[record.name] = nn.Parameter(copy, requires_grad=False)
         self._loaded.add(block_name)
         self.loads += 1

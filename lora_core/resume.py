@@ -5,7 +5,7 @@ What a continued run needs, and where it comes from:
   `files.load_lora` + `keys.to_internal` read (ours, ComfyUI's trainer, kohya-ss, LyCORIS, PEFT);
 - the step count: our metadata ("steps"), kohya's ("ss_steps"), and only as a last resort the
   `_<N>_steps_` part of a ComfyUI-trainer file name;
-- the optimizer moments: a sidecar `<name>.optim.safetensors` beside the LoRA (tensors, plus the
+- the optimizer moments: a sidecar `<name>.optim` (safetensors) beside the LoRA (tensors, plus the
   parameter-group layout as JSON in the metadata). Without it the optimizer starts fresh.
 Sample order, noise and timesteps are functions of (seed, step), so with these three a run of N
 steps continued for M more gives the weights of one N+M run.
@@ -31,7 +31,9 @@ from .keys import to_internal
 from .optim import normalise_optimizer_name
 from .trainer import ResumePoint, TrainConfig
 
-SIDECAR_SUFFIX = ".optim.safetensors"
+# Safetensors content under an extension ComfyUI does not list, so the sidecar never shows up
+# as a LoRA in any loader.
+SIDECAR_SUFFIX = ".optim"
 SIDECAR_VERSION = "1"
 _STEPS_IN_NAME = re.compile(r"_(\d+)_steps_")
 
@@ -177,7 +179,8 @@ def _check_adapters(adapter_set: AdapterSet, config: TrainConfig, source: str) -
                 f"{source} has rank {rank} (layer '{name}'), but rank is set to {wanted.rank}. Set rank to "
                 f"{rank} to continue it, or choose no existing LoRA to start a new one."
             )
-        if not math.isclose(adapter.alpha, wanted.alpha, rel_tol=1e-6):
+        # Loose: files store alpha as float32, and ComfyUI's trainer lets alpha drift (0.999995).
+        if not math.isclose(adapter.alpha, wanted.alpha, rel_tol=1e-3):
             raise UserInputError(
                 f"{source} has alpha {adapter.alpha:g} (layer '{name}'), but alpha is set to {wanted.alpha:g}. "
                 f"Set alpha to {adapter.alpha:g} to continue it, or choose no existing LoRA to start a new one."

@@ -166,21 +166,8 @@ def _concat_groups(per_sample: list[dict]) -> list[list[int]]:
 # The training session
 # --------------------------------------------------------------------------------------------
 
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def torch_dtype(name: str) -> torch.dtype | None:
-    """"bf16" / "fp16" / "fp32" -> torch dtype; "none" -> None (keep the model's own)."""
-    if name == "none":
-        return None
-    if name not in COMPUTE_DTYPES:
-        raise UserInputError(f"dtype {name!r} is not known: choose bf16, fp16, fp32 or none.")
-    return COMPUTE_DTYPES[name]
-
-
 @contextlib.contextmanager
-def training_session(model, compute_dtype: torch.dtype | None, offloading: bool,
-                     quantized_backward: bool = False) -> Iterator[ComfyDenoiser]:
+def training_session(model, offloading: bool, quantized_backward: bool = False) -> Iterator[ComfyDenoiser]:
     """A clone of `model` loaded for training; ComfyUI's flags and the clone undone on exit.
 
     Autograd needs normal tensors: ComfyUI loads weights under `torch.inference_mode()`, and an
@@ -189,17 +176,14 @@ def training_session(model, compute_dtype: torch.dtype | None, offloading: bool,
     """
     # A dynamic-VRAM patcher streams weights in ways autograd cannot follow: train on a plain one.
     patcher = model.clone(disable_dynamic=True) if model.is_dynamic() else model.clone()
-    if compute_dtype is not None:
-        patcher.set_model_compute_dtype(compute_dtype)
     previous_fp8_bwd = comfy.model_management.training_fp8_bwd
     with torch.inference_mode(False), torch.enable_grad():
         try:
             comfy.model_management.in_training = True
             comfy.model_management.training_fp8_bwd = quantized_backward
-            # Ask for everything: other models leave VRAM; with offloading the weights stream.
-            comfy.model_management.load_models_gpu(
-                [patcher], memory_required=1e20 if not offloading else 0, force_full_load=not offloading
-            )
+            # Ask for all memory, as ComfyUI's trainer does: other models leave VRAM, and with
+            # offloading as few weights as possible stay resident (the rest stream per layer).
+            comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=not offloading)
             _make_autograd_safe(patcher.model)
             patcher.pre_run()
             yield ComfyDenoiser(patcher)
@@ -273,33 +257,12 @@ def encode_texts(clip, texts: Sequence[str]) -> list[list]:
     return out
 
 
-def vae_scale(vae) -> int:
-    """Pixels per latent cell (8 for SD/Flux, 16 for some video VAEs)."""
-    ratio = vae.spacial_compression_encode()
-    return int(ratio) if isinstance(ratio, (int, float)) else 8
-
-
-# --------------------------------------------------------------------------------------------
-# Folders
-# --------------------------------------------------------------------------------------------
-
-
 def input_directory() -> Path:
     return Path(folder_paths.get_input_directory())
 
 
 def input_subfolders() -> list[str]:
     return folder_paths.get_input_subfolders()
-
-
-def input_folder(name: str) -> Path:
-    folder = resolve_inside(input_directory(), name, "folder")
-    if not folder.is_dir():
-        raise UserInputError(
-            f"The folder {name!r} does not exist in {input_directory()}: create it, put your training "
-            f"images in it and press R in the browser to refresh the list."
-        )
-    return folder
 
 
 NO_LORA = "[None]"
@@ -348,27 +311,6 @@ def refresh_lora_list() -> None:
 
 def dataset_roots() -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths("datasets")]
-
-
-def dataset_save_folder(name: str) -> Path:
-    root = dataset_roots()[0]
-    folder = resolve_inside(root, name, "dataset folder")
-    if os.path.realpath(folder) == os.path.realpath(root):
-        raise UserInputError(
-            f"The dataset folder name {name!r} names the datasets root itself: use a subfolder such as 'my_dataset'."
-        )
-    return folder
-
-
-def dataset_folder(name: str) -> Path:
-    for root in dataset_roots():
-        folder = resolve_inside(root, name, "dataset folder")
-        if folder.is_dir() and os.path.realpath(folder) != os.path.realpath(root):
-            return folder
-    raise UserInputError(
-        f"The dataset {name!r} was not found in {', '.join(map(str, dataset_roots()))}: save one with Save "
-        f"Training Dataset first, or press R to refresh the list."
-    )
 
 
 def output_image_path(prefix: str) -> tuple[Path, str]:

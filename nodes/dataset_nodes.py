@@ -286,15 +286,17 @@ class ResolutionBucket(io.ComfyNode):
             for bucket in group_latents_by_size(flat_latents, flat_conds):
                 out_latents.append({"samples": bucket.samples})
                 out_conds.append([conditioning_entry(c) for c in bucket.conds])
-            tables.append("latents:\n" + bucket_table([(s["samples"].shape[-1], s["samples"].shape[-2])
-                                                       for s in out_latents for _ in range(s["samples"].shape[0])]))
+            sizes = [(s["samples"].shape[-1], s["samples"].shape[-2]) for s in out_latents
+                     for _ in range(s["samples"].shape[0])]
+            tables.append("latents (sizes in latent cells; x8 = pixels for SD / SDXL / Flux VAEs):\n"
+                          + bucket_table(sizes))
         table = "\n".join(tables)
         log.info("[LoRA Trainer] resolution buckets\n%s", table)
         return io.NodeOutput(out_latents, out_conds, out_images, table, ui=ui.PreviewText(table))
 
 
 def _fit_batch(batch: torch.Tensor, buckets: list) -> torch.Tensor:
-    """An IMAGE batch with each image cropped to its bucket (a batch of mixed buckets is split by the caller)."""
+    """An IMAGE batch with each image cropped to its bucket; the batch must fall into one bucket."""
     fitted = [fit_to_bucket(image, buckets) for image in batch.unbind(0)]
     if len({tuple(f.shape) for f in fitted}) > 1:
         raise UserInputError(

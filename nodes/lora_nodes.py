@@ -21,7 +21,8 @@ from ..lora_core.attach import attach_bypass
 from ..lora_core.errors import UserInputError
 from ..lora_core.keys import INTERNAL_PREFIX, to_internal
 from ..lora_core.lora_model import LoraModel, as_lora_model
-from ..lora_core.plotting import loss_chart_png, write_atomically
+from ..lora_core.atomic import write_bytes_atomically
+from ..lora_core.plotting import loss_chart_png
 from . import comfy_glue as glue
 from .lists import lora_file_name, loss_summary, next_counter
 
@@ -58,6 +59,13 @@ def rank_of(tensors: dict) -> int:
     return 0
 
 
+def alpha_of(tensors: dict) -> float:
+    for key, tensor in tensors.items():
+        if key.endswith(".alpha") and tensor.numel() == 1:
+            return float(tensor.item())
+    return 0.0
+
+
 def file_metadata(lora: LoraModel, steps: int | None) -> dict:
     """Our metadata for a LoraModel; a core-made dict gets what its tensor names tell."""
     if lora.metadata:
@@ -65,7 +73,7 @@ def file_metadata(lora: LoraModel, steps: int | None) -> dict:
         if steps is not None and steps > 0:
             metadata["steps"] = metadata["ss_steps"] = str(steps)
         return metadata
-    return files.lora_metadata(algorithm=algorithm_of(lora), rank=rank_of(lora), alpha=0.0, targets="unknown",
+    return files.lora_metadata(algorithm=algorithm_of(lora), rank=rank_of(lora), alpha=alpha_of(lora), targets="unknown",
                                steps=steps or 0, extra={"source": "LORA_MODEL without metadata"})
 
 
@@ -84,14 +92,14 @@ def write_lora(lora: LoraModel, prefix: str, steps: int | None, kohya_export: bo
     if lora.optimizer_state is not None:
         save_optimizer_state(path, lora)
     if kohya_export:
-        kohya_path = path.with_name(path.stem + "_kohya.safetensors")
+        kohya_path = path.with_name(path.stem.rstrip("_") + "_kohya.safetensors")
         files.save_kohya_lora(kohya_path, lora.tensors(), metadata)
     glue.refresh_lora_list()
     return path
 
 
 def save_optimizer_state(lora_path: Path, lora: LoraModel) -> None:
-    """The optimizer sidecar (`<name>.optim.safetensors`) that lets existing_lora resume exactly."""
+    """The optimizer sidecar (`<name>.optim`) that lets existing_lora resume exactly."""
     settings = json.loads(lora.metadata.get("training_settings", "{}"))
     if "optimizer" not in settings:
         raise UserInputError("The LoRA carries optimizer state but no training settings naming the optimizer: "
@@ -271,7 +279,7 @@ class PlotLossGraph(io.ComfyNode):
         title = "Training loss" + (f" (last {summary['last_mean']:.4f})" if summary else "")
         png = loss_chart_png(values, steps=steps, val_loss=validation, log_scale=log_scale, title=title)
         path, subfolder = glue.output_image_path(filename_prefix)
-        write_atomically(str(path), png)
+        write_bytes_atomically(path, png)
         image = glue.png_to_pil(png).convert("RGB")
         tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)
         saved = ui.SavedImages([ui.SavedResult(path.name, subfolder, io.FolderType.output)])

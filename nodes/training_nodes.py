@@ -8,11 +8,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import torch
+from PIL import Image
 from comfy_api.latest import io
 
 from ..lora_core import resume
 from ..lora_core.adapters import AdapterSpec
-from ..lora_core.adapters.spec import ALGORITHMS
 from ..lora_core.errors import UserInputError
 from ..lora_core.lora_model import LoraModel
 from ..lora_core.objectives import ObjectiveConfig
@@ -22,7 +22,7 @@ from ..lora_core.targets import PRESETS, TargetSpec
 from ..lora_core.trainer import NonFiniteLoss, TrainCallbacks, TrainConfig, TrainingData, TrainResult, train
 from . import comfy_glue as glue
 from .lists import loss_summary, single, training_samples
-from .lora_nodes import LORA_MODEL, LOSS_MAP, write_lora
+from .lora_nodes import LORA_MODEL, LOSS_MAP, relative_lora_name, write_lora
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ class TrainLoRA(io.ComfyNode):
 def run_training(model, data: TrainingData, config: TrainConfig, v: dict) -> io.NodeOutput:
     base_model = glue.base_model_name(model)
     checkpoints = CheckpointWriter(config, v, base_model)
-    with glue.training_session(model, None, v["offloading"], v["quantized_backward"]) as denoiser:
+    with glue.training_session(model, v["offloading"], v["quantized_backward"]) as denoiser:
         checkpoints.prediction_type = denoiser.prediction_type
         resume = load_resume(v["existing_lora"], denoiser, config)
         start = resume.steps_done if resume is not None else 0
@@ -313,7 +313,7 @@ def run_training(model, data: TrainingData, config: TrainConfig, v: dict) -> io.
     return io.NodeOutput(lora, result.loss_map(), result.total_steps)
 
 
-def _chart(history: list[float], val_loss) -> object:
+def _chart(history: list[float], val_loss) -> Image.Image:
     return glue.png_to_pil(loss_chart_png(history, title=f"Training loss ({len(history)} steps)"))
 
 
@@ -342,8 +342,6 @@ class CheckpointWriter:
         return self.write(lora, result.total_steps)
 
     def write(self, lora: LoraModel, steps: int) -> str:
-        from .lora_nodes import relative_lora_name
-
         return relative_lora_name(write_lora(lora, self.values["checkpoint_prefix"], steps))
 
 

@@ -42,15 +42,17 @@ class FluxLike(nn.Module):
 
 
 def test_blocks_are_found_at_the_first_level_with_block_lists():
+    # Sequential blocks (ComfyUI's TimestepEmbedSequential) are stepped through by the UNet, never
+    # called, so their members are wrapped; a member that is a bare layer is left alone.
     assert list(find_checkpoint_blocks(UNetLike())) == [
-        "input_blocks.0", "input_blocks.1", "middle_block.0", "middle_block.1", "output_blocks.0",
+        "input_blocks.1.0", "middle_block.0", "middle_block.1", "output_blocks.0.0",
     ]
     assert list(find_checkpoint_blocks(FluxLike())) == [f"double_blocks.{i}" for i in range(2)] + [
         f"single_blocks.{i}" for i in range(3)
     ]
     # Deeper: the sub-blocks of each block, unless a bare Linear sits in it (kept whole).
     assert list(find_checkpoint_blocks(FluxLike(), depth=2))[:2] == ["double_blocks.0.attn", "double_blocks.0.mlp"]
-    assert "input_blocks.0" in find_checkpoint_blocks(UNetLike(), depth=2)
+    assert "input_blocks.1.0.attn" in find_checkpoint_blocks(UNetLike(), depth=2)
 
 
 def _gradients(denoiser, adapter_set, bypass, checkpointing, depth=1):
@@ -113,3 +115,32 @@ def test_recompute_happens_and_forward_is_restored_even_on_error():
     with torch.no_grad(), GradientCheckpointing(model):  # no graph, nothing to recompute
         block(x)
     assert len(inner_calls) == 5
+
+
+class SteppedUNet(nn.Module):
+    """Like ComfyUI's UNet: each block is a Sequential whose members are called one by one."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_blocks = nn.ModuleList([nn.Sequential(Block(), Block()), nn.Sequential(Block())])
+
+    def forward(self, x):
+        for block in self.input_blocks:
+            for layer in block:
+                x = layer(x)
+        return x
+
+
+def test_members_of_stepped_through_sequential_blocks_are_recomputed_in_backward():
+    model = SteppedUNet().requires_grad_(False)
+    calls = []
+    for name, module in model.named_modules():
+        if isinstance(module, Block):
+            # Counted inside the norm's forward, which the recomputation runs again (hooks on the
+            # wrapped block itself are skipped by the checkpoint's direct call).
+            module.norm.register_forward_pre_hook(lambda m, a, name=name: calls.append(name))
+    x = torch.randn(3, 4, requires_grad=True)
+    with GradientCheckpointing(model):
+        model(x).sum().backward()
+    # Every block ran once forward and once more, recomputed, in backward.
+    assert sorted(calls) == sorted(2 * ["input_blocks.0.0", "input_blocks.0.1", "input_blocks.1.0"])

@@ -1,6 +1,12 @@
 """Quantized (float8) base models: bypass training works and leaves them untouched; merge mode, FP8
 backward off-GPU and the other unsupported combinations are explained."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,3 +186,86 @@ def test_unsupported_combinations_are_errors_and_odd_ones_warnings():
     check = low_vram(packed, quantized_backward=True)
     assert not check.fp8_backward
     assert check.warnings[0].startswith(FP8_BACKWARD_FALLBACK)
+
+
+COMFY_CAST_CHECK = r"""
+import json, sys
+comfy_root, pack_root = sys.argv[1], sys.argv[2]
+sys.path[:0] = [comfy_root, pack_root]
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import torch
+import comfy.ops
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from lora_core.adapters import AdapterSpec
+from lora_core.attach import AdapterSet, attach_bypass
+from lora_core.checkpointing import GradientCheckpointing
+from lora_core.offload import BlockOffloader
+from lora_core.quantized import quantized_parameters
+from lora_core.targets import TargetSpec
+
+torch.set_num_threads(1)
+results = {}
+for storage in ("float16", "float8_e4m3fn"):
+    model = UNetModel(image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1],
+                      channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_middle=1,
+                      transformer_depth_output=[1, 1, 1, 1], context_dim=16, num_heads=2,
+                      use_spatial_transformer=True, legacy=False, dtype=getattr(torch, storage),
+                      device="cpu", operations=comfy.ops.manual_cast)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(((torch.rand(p.shape, generator=generator) - 0.5) * 0.2).to(p.dtype))
+    model.requires_grad_(False)
+    for name, module in model.named_modules():
+        if name.endswith("to_k"):  # what ComfyUI's lowvram LoRA patches look like: applied on every cast
+            module.weight_function = [lambda w: w * 1.01]
+    adapters = AdapterSet.create(model, AdapterSpec(rank=4, alpha=4), TargetSpec(preset="attention_mlp"),
+                                 torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.add_(0.05)
+    x, context = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 5, 16, generator=generator)
+    before = {k: v.view(torch.uint8).clone() for k, v in model.state_dict().items()}
+    grads, streamed = [], 0
+    for offload in (False, True):
+        adapters.zero_grad(set_to_none=True)
+        with attach_bypass(model, adapters), GradientCheckpointing(model):
+            if offload:
+                with BlockOffloader(model, "cpu") as offloader:
+                    streamed = offloader.streamed_bytes()
+                    model(x, timesteps=torch.tensor([500]), context=context).float().square().mean().backward()
+            else:
+                model(x, timesteps=torch.tensor([500]), context=context).float().square().mean().backward()
+        grads.append([p.grad.clone() for p in adapters.parameters()])
+    results[storage] = dict(
+        equal=all(torch.equal(a, b) for a, b in zip(*grads)),
+        nonzero=all(bool(g.abs().sum() > 0) for g in grads[0]),
+        streamed=streamed,
+        restored=all(torch.equal(before[k], v.view(torch.uint8)) for k, v in model.state_dict().items()),
+        quantized=len(quantized_parameters(model)),
+    )
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def test_comfyui_cast_layers_and_lowvram_patches_work_with_offloading(tmp_path):
+    """ComfyUI's manual_cast layers (fp16 and float8 storage, a lowvram-style weight_function on
+    some) under block checkpointing + offloading + bypass LoRA: gradients unchanged, weights
+    untouched. Runs in a ComfyUI child process; skipped without COMFYUI_ROOT."""
+    root = os.environ.get("COMFYUI_ROOT")
+    if not root or not (Path(root) / "comfy" / "ops.py").exists():
+        pytest.skip("COMFYUI_ROOT is not set: this check needs a ComfyUI checkout")
+    python = os.environ.get("COMFYUI_PYTHON") or str(Path(root) / "venv" / "bin" / "python")
+    python = python if Path(python).exists() else sys.executable
+    script = tmp_path / "check.py"
+    script.write_text(COMFY_CAST_CHECK)
+    done = subprocess.run([python, str(script), root, str(Path(__file__).resolve().parents[1])],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    results = json.loads(lines[-1][len("RESULTS "):])
+    for storage, result in results.items():
+        assert result["equal"] and result["nonzero"] and result["restored"], (storage, result)
+        assert result["streamed"] > 0, storage
+    assert results["float16"]["quantized"] == 0 and results["float8_e4m3fn"]["quantized"] > 0

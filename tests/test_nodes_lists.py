@@ -95,7 +95,7 @@ def test_dedupe_by_identity_keeps_repeats_shared():
 
 def test_file_counter_never_reuses_a_number():
     existing = ["lora_00001_.safetensors", "lora_200_steps_00007_.safetensors", "lora_v2_00009_.safetensors",
-                "lora_200_steps_00007_.optim.safetensors", "other_00099_.safetensors"]
+                "lora_200_steps_00007_.optim", "other_00099_.safetensors"]
     assert lists.next_counter("lora", existing) == 8
     assert lists.next_counter("fresh", existing) == 1
     assert lists.lora_file_name("lora", 200, 8) == "lora_200_steps_00008_.safetensors"

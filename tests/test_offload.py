@@ -184,3 +184,47 @@ def test_bad_blocks_are_explained():
     flat = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     with pytest.raises(UserInputError, match="no blocks"):
         BlockOffloader(flat, "cpu").apply()
+
+
+def test_weights_already_on_the_compute_device_can_be_left_to_the_host():
+    # ComfyUI's partial loading puts some layers on the GPU itself; those are not streamed.
+    net, adapters, inputs = toy_setup()
+    before = snapshot(net)
+    with attach_bypass(net, adapters), GradientCheckpointing(net):
+        expected = net(*inputs)
+        with BlockOffloader(net, "cpu", stream_resident=False) as offloader:
+            assert offloader.streamed_bytes() == 0
+            assert torch.equal(net(*inputs), expected)
+    assert_restored(net, before)
+
+
+def test_trainable_merge_mode_streams_the_parametrized_weight_too():
+    # attach_merged(trainable=True) moves the weight under a parametrization; the layer's own
+    # pre-hook still loads it, and gradients are unchanged.
+    from lora_core.attach import attach_merged
+
+    net, adapters, inputs = toy_setup()
+    grads = []
+    for offload in (False, True):
+        adapters.zero_grad(set_to_none=True)
+        with attach_merged(net, adapters, trainable=True), GradientCheckpointing(net):
+            if offload:
+                with BlockOffloader(net, "cpu") as offloader:
+                    assert offloader.streamed_bytes() > 0
+                    net(*inputs).square().mean().backward()
+            else:
+                net(*inputs).square().mean().backward()
+        grads.append([p.grad.clone() for p in adapters.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_a_weight_tied_across_blocks_stays_resident():
+    net, adapters, inputs = toy_setup()
+    net.blocks[1].ff.net[0].weight = net.blocks[0].ff.net[0].weight  # tied
+    tied = net.blocks[0].ff.net[0].weight
+    loss, grads = loss_and_grads(net, adapters, inputs, offload=False)
+    with BlockOffloader(net, "cpu"):
+        assert net.blocks[0].ff.net[0].weight is tied and net.blocks[1].ff.net[0].weight is tied
+    offloaded_loss, offloaded_grads = loss_and_grads(net, adapters, inputs, offload=True)
+    assert torch.equal(loss, offloaded_loss)
+    assert all(torch.equal(grads[name], offloaded_grads[name]) for name in grads)

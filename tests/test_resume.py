@@ -75,7 +75,7 @@ def test_sidecar_round_trip_keeps_every_tensor_and_the_layout(tmp_path):
     result = train(make_toy_denoiser("eps"), toy_dataset(4), config(steps=2, loraplus_ratio=2.0))
     path = save_checkpoint(tmp_path / "a.safetensors", result.adapter_set, config(steps=2, loraplus_ratio=2.0), 2,
                            "diffusion_model.", result.optimizer_state)
-    assert sidecar_path(path).name == "a.optim.safetensors"
+    assert sidecar_path(path).name == "a.optim"
     loaded, name = load_optimizer_state(sidecar_path(path))
     assert name == "adamw"
     saved = result.optimizer_state

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -85,7 +86,7 @@ def images_one_caption(g: Graph):
 ## Train a LoRA: a folder of images, one caption for all
 1. Put 5-50 images of your subject in **ComfyUI/input/{FOLDER}/** (press R in the editor to refresh the folder list).
 2. Pick your SD1.5 checkpoint in **Load Checkpoint** and write the caption (keep a rare trigger word such as *sks*).
-3. Queue. The LoRA is written to **models/loras/** (`my_lora_...safetensors`) and the loss chart to **output/**.
+3. Queue. The LoRA is written to **models/loras/** (`my_lora_{STEPS}_steps_00001_.safetensors`) and the loss chart to **output/**.
 Start with 100-300 steps; learning rate 1e-4 to 5e-4; rank 8-16.
 """)
     ckpt = _checkpoint(g)
@@ -174,7 +175,7 @@ Use the same dataset, rank and algorithm as the first run. Images: **ComfyUI/inp
     caption = _caption(g, (X0, 560))
     data = _make_dataset(g, (X1, 200), images, ckpt, caption.out(0))
     train = _train(g, (X2, 0), ckpt.out("MODEL"), data.out("latents"), data.out("conditioning"),
-                   existing_lora="my_lora_00001_.safetensors", steps=100)
+                   existing_lora=f"my_lora_{STEPS}_steps_00001_.safetensors", steps=100)
     _save_and_plot(g, train, "my_lora_continued")
 
 
@@ -214,8 +215,8 @@ Trains on **ComfyUI/input/{FOLDER}/** and samples an image with the LoRA applied
     caption = _caption(g, (X0, 560))
     data = _make_dataset(g, (X1, 200), images, ckpt, caption.out(0))
     train = _train(g, (X2, 0), ckpt.out("MODEL"), data.out("latents"), data.out("conditioning"))
-    _save_and_plot(g, train, "my_lora", pos=(X3, -300))
-    apply = g.add(P + "LoadLoRAModel", (X3, 260), strength=1.0)
+    _save_and_plot(g, train, "my_lora", pos=(X4, 0))
+    apply = g.add(P + "LoadLoRAModel", (X3, 0), strength=1.0)
     g.connect(ckpt.out("MODEL"), apply, "model")
     g.connect(train.out("lora"), apply, "lora")
     positive = g.add("CLIPTextEncode", (X1, 620), title="Prompt", text="a photo of sks toy on a beach")
@@ -223,15 +224,15 @@ Trains on **ComfyUI/input/{FOLDER}/** and samples an image with the LoRA applied
     g.connect(ckpt.out("CLIP"), positive, "clip")
     g.connect(ckpt.out("CLIP"), negative, "clip")
     latent = g.add("EmptyLatentImage", (X2, 700), width=RESOLUTION, height=RESOLUTION, batch_size=1)
-    sampler = g.add("KSampler", (X3, 480), seed=42, steps=20, cfg=7.0, sampler_name="euler", scheduler="normal")
+    sampler = g.add("KSampler", (X3, 300), seed=42, steps=20, cfg=7.0, sampler_name="euler", scheduler="normal")
     g.connect(apply.out("model"), sampler, "model")
     g.connect(positive.out(0), sampler, "positive")
     g.connect(negative.out(0), sampler, "negative")
     g.connect(latent.out(0), sampler, "latent_image")
-    decode = g.add("VAEDecode", (X4, 480))
+    decode = g.add("VAEDecode", (X4 + 420, 300))
     g.connect(sampler.out(0), decode, "samples")
     g.connect(ckpt.out("VAE"), decode, "vae")
-    save = g.add("SaveImage", (X4, 620), filename_prefix="lora_sample")
+    save = g.add("SaveImage", (X4 + 420, 440), filename_prefix="lora_sample")
     g.connect(decode.out(0), save, "images")
 
 
@@ -252,7 +253,9 @@ def build_all(object_info: dict) -> dict[str, dict]:
     for name, build in EXAMPLES.items():
         g = Graph(object_info)
         build(g)
-        out[name] = g.to_ui()
+        workflow = g.to_ui()
+        workflow["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-lora-trainer/{name}"))  # stable, one per file
+        out[name] = workflow
     return out
 
 

@@ -162,8 +162,8 @@ class ComfyServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    DO_NOT_TRACK="1")
         log = open(self.log_path, "w")
-        self.process = subprocess.Popen(cmd, cwd=self.comfy_root, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+        # Same process group as the tests: an interrupted run (Ctrl+C) stops the server too.
+        self.process = subprocess.Popen(cmd, cwd=self.comfy_root, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

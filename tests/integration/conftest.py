@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_server import ComfyServer, build_fixture_models, comfy_python
+from comfy_server import PACK_LINK_NAME, ComfyServer, build_fixture_models, comfy_python
 
 SKIP_REASON = "COMFYUI_ROOT is not set: integration tests need a ComfyUI checkout (COMFYUI_ROOT=/path/to/ComfyUI)"
 
@@ -39,6 +39,9 @@ def comfy(tmp_path_factory):
                          extra_args=shlex.split(os.environ.get("COMFYUI_SERVER_ARGS", "--cpu")))
     server.prepare(fixture_dir)
     server.start()
+    if f"(IMPORT FAILED): {server.base_dir / 'custom_nodes' / PACK_LINK_NAME}" in server.log_text():
+        server.stop()
+        pytest.fail(f"ComfyUI could not import the pack:\n{server.log_text()[-8000:]}")
     print(f"\n[integration] fixture models {built - started:.1f}s, server start {time.monotonic() - built:.1f}s, "
           f"base dir {server.base_dir}")
     yield server

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from comfy_server import PromptRejected
-from datasets import write_images
-from helpers import core_sampling_prompt, example_prompt, write_safetensors
+from it_helpers import core_sampling_prompt, example_prompt, write_safetensors
+from it_images import write_images
 
 
 def run_expecting_error(comfy, prompt) -> str:

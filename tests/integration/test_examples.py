@@ -1,11 +1,9 @@
 """Every example workflow runs as shipped (test-sized overrides only) on the tiny SD1.5 model."""
-import json
-
 import pytest
 
 from build_examples import EXAMPLES, EXAMPLES_DIR, build_all, dumps
-from datasets import MIXED_SIZES, write_images
-from helpers import TEST_STEPS, example_prompt, node_id, read_safetensors, saved_files, saved_lora_name
+from it_helpers import TEST_STEPS, example_prompt, node_id, read_safetensors, saved_files, saved_lora_name
+from it_images import MIXED_SIZES, write_images
 
 FOLDER = "lora_training"  # the folder every example reads
 

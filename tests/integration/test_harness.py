@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 from comfy_server import PACK_LINK_NAME, REPO_ROOT
-from helpers import core_sampling_prompt
+from it_helpers import core_sampling_prompt
 from workflow_api import convert
 
 EXAMPLES = sorted((REPO_ROOT / "example_workflows").glob("*.json"))

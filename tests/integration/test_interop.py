@@ -2,8 +2,8 @@
 import numpy as np
 
 from comfy_server import CHECKPOINT
-from datasets import write_images
-from helpers import api_node, read_safetensors
+from it_helpers import api_node, read_safetensors
+from it_images import write_images
 
 FOLDER = "it_interop"
 CORE_DATASET = "it_core_dataset"

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from comfy_server import CHECKPOINT
-from datasets import write_images
-from helpers import example_prompt, node_id, read_safetensors, saved_lora_name
+from it_helpers import example_prompt, read_safetensors, saved_lora_name
+from it_images import write_images
 
 FOLDER = "it_lora_files"
 
@@ -19,6 +19,14 @@ def trained(comfy):
                             SaveLoRAWeights={"prefix": "it/equivalence", "kohya_export": True})
     result = comfy.run_ok(prompt)
     return saved_lora_name(result, prompt)
+
+
+def kohya_copy(comfy, name: str) -> str:
+    """The kohya-named copy Save LoRA Weights wrote beside `name` (loras-relative name)."""
+    path = comfy.models_dir / "loras" / name
+    found = sorted(path.parent.glob(path.stem.rstrip("_") + "*kohya*.safetensors"))
+    assert found, f"no kohya export beside {name}: {sorted(p.name for p in path.parent.iterdir())}"
+    return str(found[0].relative_to(comfy.models_dir / "loras"))
 
 
 def sampling_branches(loras: dict) -> dict:
@@ -59,8 +67,7 @@ def latents_of(comfy, result, prompt) -> dict:
 
 
 def test_core_lora_loader_matches_load_lora_model(comfy, trained):
-    kohya = trained.replace(".safetensors", "_kohya.safetensors")
-    assert (comfy.models_dir / "loras" / kohya).exists(), "kohya export was not written"
+    kohya = kohya_copy(comfy, trained)
     prompt = sampling_branches({"base": ("none", None), "core": ("core", trained), "merged": ("merged", trained),
                                 "bypass": ("bypass", trained), "core_kohya": ("core", kohya)})
     result = comfy.run_ok(prompt)
@@ -78,5 +85,40 @@ def test_file_keys_are_comfyui_internal_names(comfy, trained):
     tensors, metadata = read_safetensors(comfy.models_dir / "loras" / trained)
     assert tensors and all(k.startswith("diffusion_model.") for k in tensors), sorted(tensors)[:5]
     assert {"algorithm", "rank", "alpha", "steps"} <= set(metadata)
-    kohya, _ = read_safetensors(comfy.models_dir / "loras" / trained.replace(".safetensors", "_kohya.safetensors"))
+    kohya, _ = read_safetensors(comfy.models_dir / "loras" / kohya_copy(comfy, trained))
     assert all(k.startswith("lora_unet_") for k in kohya), sorted(kohya)[:5]
+
+
+def test_loha_lokr_oft_files_load_in_core_lora_loader(comfy):
+    """LyCORIS-named files from the other algorithms: core LoraLoader reads every key and samples as ours."""
+    write_images(comfy.input_dir / FOLDER, [(64, 64)] * 3, captions=False, seed=3)
+    algorithms = [a for a in ("LoHa", "LoKr", "OFT")
+                  if a in comfy.object_info("LoRATrainer_TrainLoRA")["input"]["required"]["algorithm"][1]["options"]]
+    prompt = example_prompt("lora_01_images_one_caption", comfy.object_info(),
+                            LoadImageDataset={"folder": FOLDER}, TrainLoRA={"learning_rate": 0.01, "rank": 4,
+                                                                            "alpha": 4.0, "steps": 2})
+    train_id = next(k for k, n in prompt.items() if n["class_type"] == "LoRATrainer_TrainLoRA")
+    save_id = next(k for k, n in prompt.items() if n["class_type"] == "LoRATrainer_SaveLoRAWeights")
+    for key in [k for k, n in prompt.items() if n["class_type"] == "LoRATrainer_PlotLossGraph"]:
+        del prompt[key]
+    for algorithm in algorithms:  # one training branch per algorithm, sharing the encoded dataset
+        prompt[f"train_{algorithm}"] = {**prompt[train_id], "inputs": {**prompt[train_id]["inputs"],
+                                                                       "algorithm": algorithm}}
+        prompt[f"save_{algorithm}"] = {**prompt[save_id], "inputs": {
+            **prompt[save_id]["inputs"], "lora": [f"train_{algorithm}", 0], "steps": [f"train_{algorithm}", 2],
+            "prefix": f"it/{algorithm.lower()}"}}
+    del prompt[train_id], prompt[save_id]
+    result = comfy.run_ok(prompt)
+    names = {a: result.outputs[f"save_{a}"]["text"][0].removeprefix("saved loras/") for a in algorithms}
+    branches = {"base": ("none", None)}
+    for algorithm, name in names.items():
+        branches[f"core_{algorithm}"] = ("core", name)
+        branches[f"ours_{algorithm}"] = ("merged", name)
+    sampled = comfy.run_ok(sampling_branches(branches))
+    assert "lora key not loaded" not in sampled.log, sampled.log[-4000:]
+    latents = latents_of(comfy, sampled, sampling_branches(branches))
+    for algorithm in algorithms:
+        core, ours = latents[f"core_{algorithm}"], latents[f"ours_{algorithm}"]
+        assert np.abs(core - latents["base"]).max() > 0, f"{algorithm}: core loader applied nothing"
+        np.testing.assert_allclose(ours, core, atol=1e-3 * max(np.abs(core).mean(), 1.0), rtol=1e-3,
+                                   err_msg=algorithm)

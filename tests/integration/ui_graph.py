@@ -128,7 +128,7 @@ class Graph:
         order = self._execution_order()
         nodes = []
         for node in self.nodes:
-            n_widgets = 0 if hasattr(node, "raw_widgets") else len(widget_inputs(self.object_info[node.type]))
+            n_widgets = 0 if hasattr(node, "raw_widgets") else self._widget_rows(node)
             sockets = max(len([i for i in node.inputs if "widget" not in i]), len(node.outputs))
             size = node.size or [NODE_WIDTH, TITLE + ROW * (sockets + n_widgets) + 10]
             entry = {"id": node.id, "type": node.type, "pos": node.pos, "size": size, "flags": {},
@@ -142,7 +142,18 @@ class Graph:
         return {"id": "00000000-0000-4000-8000-000000000000", "revision": 0,
                 "last_node_id": len(self.nodes), "last_link_id": len(self.links),
                 "nodes": nodes, "links": self.links, "groups": self.groups, "config": {},
-                "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "frontendVersion": "1.28.0"}, "version": 0.4}
+                "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+    def _widget_rows(self, node: Node) -> int:
+        """Editor rows the visible widgets take: advanced ones start hidden, multiline text takes 4."""
+        info = self.object_info[node.type]
+        spec = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        rows = 0
+        for name, _ in widget_inputs(info):
+            options = spec[name][1] if len(spec[name]) > 1 and isinstance(spec[name][1], dict) else {}
+            if not options.get("advanced"):
+                rows += 4 if options.get("multiline") else 1
+        return rows
 
     def _execution_order(self) -> dict:
         deps = {n.id: {self.links[i["link"] - 1][1] for i in n.inputs if i.get("link")} for n in self.nodes}
