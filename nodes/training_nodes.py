@@ -156,15 +156,16 @@ class TrainLoRA(io.ComfyNode):
                 io.Int.Input("grad_accumulation_steps", default=1, min=1, max=1024,
                              tooltip="Micro-batches summed per optimizer step: a bigger effective batch without "
                                      "more memory (1-8)."),
-                io.Float.Input("learning_rate", default=0.0001, min=0.0000001, max=1.0, step=0.000001,
-                               tooltip="Step size: 1e-4 for LoRA with alpha = rank, 1e-5..5e-4 usual; Prodigy "
-                                       "wants 1.0."),
-                io.Int.Input("rank", default=16, min=1, max=256,
+                io.Float.Input("learning_rate", default=0.0005, min=0.0000001, max=1.0, step=0.000001,
+                               tooltip="Step size: 1e-4..5e-4 with the default alpha 1 (lower it when alpha = "
+                                       "rank); Prodigy wants 1.0."),
+                io.Int.Input("rank", default=8, min=1, max=256,
                              tooltip="Adapter size: 4-32 for a subject or style, higher for more detail "
                                      "(bigger file)."),
-                io.Float.Input("alpha", default=16.0, min=0.0, max=1024.0, step=0.5,
-                               tooltip="LoRA / LoHa / LoKr scale = alpha / rank (alpha = rank: scale 1). "
-                                       "OFT: the constraint, 0 = none."),
+                io.Float.Input("alpha", default=1.0, min=0.0, max=1024.0, step=0.5,
+                               tooltip="LoRA / LoHa / LoKr scale = alpha / rank. 1.0 (default) matches ComfyUI's "
+                                       "trainer and kohya-ss; alpha = rank gives scale 1 (use a lower learning "
+                                       "rate). OFT: the constraint, 0 = none."),
                 io.Combo.Input("algorithm", options=list(ALGORITHM_LABELS), default="LoRA",
                                tooltip="LoRA: standard, recommended. LoHa: Hadamard product, more expressive per "
                                        "parameter. LoKr: Kronecker product, smallest files. OFT: orthogonal "
@@ -194,9 +195,11 @@ class TrainLoRA(io.ComfyNode):
                 io.Boolean.Input("offloading", default=False,
                                  tooltip="Keep frozen weights in system RAM and stream them to the GPU layer by "
                                          "layer: trains models larger than VRAM, slower."),
-                io.Boolean.Input("bypass_mode", default=False,
-                                 tooltip="Apply adapters beside each layer (forward hooks) instead of W + dW: base "
-                                         "weights are never read as a whole. Needed for FP8/FP4 (quantized) models."),
+                io.Boolean.Input("bypass_mode", default=True,
+                                 tooltip="On (default): adapters run beside each layer (forward hooks), base weights "
+                                         "are never rebuilt as W + dW: the fastest way to train, and needed for "
+                                         "FP8/FP4 (quantized) models. Off: W + dW is rebuilt every step (the "
+                                         "built-in trainer's way; same result, slower)."),
                 io.Boolean.Input("quantized_backward", default=False,
                                  tooltip="With training_dtype 'none' on a quantized model: run the backward matmuls "
                                          "in the quantized format too (less memory, a bit less exact)."),
