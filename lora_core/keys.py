@@ -55,6 +55,7 @@ def to_internal(
     metadata: dict[str, str] | None = None,
     module_names: list[str] | None = None,
     prefix: str = INTERNAL_PREFIX,
+    source: str = "this LoRA file",
 ) -> dict[str, torch.Tensor]:
     """Any supported file's tensors -> internal keys. module_names (dotted, relative to the
     diffusion model) are needed for kohya / LyCORIS names and to find PEFT modules under
@@ -88,7 +89,7 @@ def to_internal(
         )
         if underscored is None and any(k.startswith(_KOHYA_PREFIXES) for k in unmatched):
             hint = "kohya-ss / LyCORIS names can only be read together with the model they are for."
-        raise UserInputError(f"Cannot read LoRA keys {shown}. {hint}")
+        raise UserInputError(f"Cannot read LoRA keys {shown} in {source}. {hint}")
     for name, rank in peft_ranks.items():
         alpha_key = f"{prefix}{name}.alpha"
         if alpha_key not in converted:

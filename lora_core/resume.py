@@ -138,7 +138,7 @@ def resume_point(
 ) -> ResumePoint:
     """Adapters, step count and optimizer state to continue from, checked against `config`."""
     module_names = [name for name, _ in denoiser.module.named_modules() if name]
-    internal = to_internal(tensors, metadata, module_names, prefix=denoiser.key_prefix)
+    internal = to_internal(tensors, metadata, module_names, prefix=denoiser.key_prefix, source=source)
     adapter_set = AdapterSet.from_state_dict(internal, denoiser.module, prefix=denoiser.key_prefix)
     if len(adapter_set) == 0:
         raise UserInputError(f"{source} holds no LoRA tensors for this model: pick another file or start a new LoRA.")

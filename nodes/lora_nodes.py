@@ -140,7 +140,7 @@ def adapter_set_for(model, tensors: dict, metadata: dict | None, where: str) -> 
     """An AdapterSet on `model`'s diffusion model from internal, kohya, LyCORIS or PEFT keys."""
     tensors = diffusion_part(tensors, where)
     if not all(k.startswith(INTERNAL_PREFIX) for k in tensors):
-        tensors = to_internal(tensors, metadata, module_names=glue.diffusion_module_names(model))
+        tensors = to_internal(tensors, metadata, module_names=glue.diffusion_module_names(model), source=where)
     return AdapterSet.from_state_dict(tensors, model=model.model.diffusion_model, prefix=INTERNAL_PREFIX)
 
 

@@ -14,7 +14,10 @@ the front end's rules:
     gives its value to every input it feeds;
   - mode 2 (muted) nodes are dropped with their links; mode 4 (bypassed) nodes pass each output
     through from the first input of the same type.
-Subgraphs are not supported (a clear error says so).
+Subgraphs are not supported (a clear error says so), nor V3 dynamic inputs (DynamicCombo,
+Autogrow), which none of this pack's nodes use. Checked against the 72 core templates of
+comfyui_workflow_templates that need no subgraph or API node: every widget value lands on an
+input of its type except in the one DynamicCombo node (TextGenerate).
 """
 from __future__ import annotations
 
