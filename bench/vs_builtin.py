@@ -1,6 +1,8 @@
 """Benchmark: our `Train LoRA` node against ComfyUI's built-in `TrainLoraNode`, with numbers anyone can reproduce.
 
     COMFYUI_ROOT=/path/to/ComfyUI /path/to/ComfyUI/venv/bin/python bench/vs_builtin.py --unet small --repeats 2
+    # on a shared or small CPU add --threads 1: idle OpenMP threads spinning under contention otherwise swamp the
+    # timings (and penalise whichever trainer launches more small ops); bench/gpu_check.sh runs the GPU version
 
 What it does (issue 6): builds the same random-weight SD1.5-family UNet with ComfyUI's own classes (seeded, so
 every process gets bit-identical weights), random but fixed VAE-free latents (spatially smooth, VAE scale) and one
@@ -33,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_NAME = "comfyui_lora_trainer"
@@ -91,6 +93,13 @@ def make_cases(device: str) -> dict[str, Case]:
         # diagnostic: ours made to train what the built-in trains (every Linear/Conv, plus bias and norm diffs)
         "b1_alltargets": Case("b1_alltargets", 1, dict(dtypes),
                               dict(dtypes, target_preset="all", train_norms_and_biases=True)),
+        # diagnostics: ours at 10x the learning rate (ComfyUI's LoRA init, random up / zero down, moves the output
+        # much more per Adam step than the kohya/PEFT init ours uses), and ours with bypass hooks
+        "b1_ours_lr10x": Case("b1_ours_lr10x", 1, dict(dtypes), dict(dtypes, learning_rate=5e-3)),
+        "b1_ours_bypass": Case("b1_ours_bypass", 1, dict(dtypes), dict(dtypes, bypass_mode=True)),
+        # like fastest, with checkpointing off on both sides
+        "fastest_nogc": Case("fastest_nogc", 1, dict(dtypes, bypass_mode=True, gradient_checkpointing=False),
+                             dict(dtypes, gradient_checkpointing=False)),
         # GPU only: UNet stored as float8_e4m3fn, bypass, training_dtype none (compare with b1 = bf16)
         "fp8": Case("fp8", 1, dict(fp8), dict(fp8), weight_dtype="fp8"),
     }
@@ -335,7 +344,7 @@ class StepClock:
 class Profile:
     """With --profile: torch.profiler over the whole node call (timings are then not comparable)."""
 
-    def __init__(self, opts, node):
+    def __init__(self, opts):
         self.enabled = opts.profile
         self.device = opts.device
         self.profiler = None
@@ -373,6 +382,9 @@ def worker_train(opts):
     import torch
     import safetensors.torch
 
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+
     torch.manual_seed(0)
     impl = opts.impl
     node = load_builtin_node() if impl == "builtin" else load_our_node()
@@ -398,7 +410,7 @@ def worker_train(opts):
         torch.cuda.reset_peak_memory_stats()
     cuda_before = torch.cuda.memory_allocated() if opts.device != "cpu" else None
     rss_before = PeakRSS().peak
-    with PeakRSS() as rss, StepClock(opts.device) as clock, Profile(opts, node) as profile:
+    with PeakRSS() as rss, StepClock(opts.device) as clock, Profile(opts) as profile:
         output = call_node(node, values)
     profile.write(os.path.join(opts.out_dir, f"{opts.tag}_profile.txt"))
     lora = output.args[0] if hasattr(output, "args") else output[0]
@@ -492,7 +504,12 @@ def spawn(opts, extra: list[str], fatal: bool = True) -> bool:
     if opts.profile:
         cmd.append("--profile")
     print("  $", " ".join(extra), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if opts.threads:
+        # one thread per process: on a shared CPU, idle OpenMP threads spinning at barriers otherwise dominate
+        env.update(OMP_NUM_THREADS=str(opts.threads), MKL_NUM_THREADS=str(opts.threads))
+        cmd += ["--threads", str(opts.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         if fatal:
@@ -592,7 +609,7 @@ def orchestrate(opts):
         print("note: the fp8 case is meant for GPUs; on CPU it only checks that both trainers run it")
     print(f"device={opts.device} unet={opts.unet} {opts.resolution}px ({opts.resolution // 8}x{opts.resolution // 8} "
           f"latents) images={opts.images} steps={opts.total_steps} (timed {opts.steps}, warmup {opts.warmup} + 1) "
-          f"cases={cases} ours={opts.ours_impl} out={opts.out_dir}", flush=True)
+          f"cases={cases} ours={opts.ours_impl} threads={opts.threads or 'torch default'} out={opts.out_dir}", flush=True)
 
     runs: dict = {}
     evals: dict = {}
@@ -628,7 +645,8 @@ def orchestrate(opts):
     print(f"ours vs ComfyUI built-in TrainLoraNode: {opts.unet} SD1.5 UNet "
           f"({UNET_PARAMS.get(opts.unet, '?')} params), {opts.resolution}px, {opts.device}, rank 8 (alpha 1 both), "
           f"AdamW lr 5e-4, MSE, {opts.total_steps} optimizer steps per run ({opts.steps} timed), "
-          f"runs per case {dict(cases)}, A/B alternated in fresh processes")
+          f"runs per case {dict(cases)}, A/B alternated in fresh processes, "
+          f"threads {opts.threads or 'torch default'}")
     print("eps/x0 err: mean squared error of the model's eps (x0) prediction on the training latents, sigmas at "
           f"percent {EVAL_PERCENTS} with fixed noise; captions: random-weight CLIP-L (ComfyUI sd1_clip), one per image")
     print(table)
@@ -644,13 +662,15 @@ def main():
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (first is never timed)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per trainer and case, alternated A B A B")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cases", default="b1,b4,fastest", help="comma list of b1,b4,fastest,b1_alltargets,fp8; "
+    parser.add_argument("--cases", default="b1,b4,fastest", help="comma list of b1,b4,fastest,b1_alltargets,b1_ours_lr10x,b1_ours_bypass,fastest_nogc,fp8; "
                         "case:N runs that case N times instead of --repeats")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--ours-impl", default="ours", choices=["ours", "builtin"],
                         help="run the built-in in our slot too (to check the bench itself)")
     parser.add_argument("--no-eval", action="store_true", help="skip the eps-error evaluation")
     parser.add_argument("--out-dir", default="")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads per worker (0 = torch default); 1 gives steadier numbers on a busy CPU")
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler tables per run in the out dir (timings then include profiler overhead)")
     # worker-only

@@ -89,7 +89,10 @@ def fp8_backward_support(device: torch.device | str) -> tuple[bool, str | None]:
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         name = torch.cuda.get_device_name(device)
-        return False, f"{FP8_BACKWARD_FALLBACK} ({name} is compute capability {major}.{minor}; FP8 needs 8.9+, e.g. RTX 40xx, H100)."
+        return False, (
+            f"{FP8_BACKWARD_FALLBACK} ({name} is compute capability {major}.{minor}; FP8 needs 8.9+, "
+            "e.g. RTX 40xx, H100)."
+        )
     return True, None
 
 

@@ -48,12 +48,25 @@ def training_samples(latents: Sequence[Any], positive: Sequence[Any]) -> tuple[l
         flat, _ = flatten_latent_batches(list(latents), [positive[0]] * len(latents))
         return flat, [positive[0]]
     if len(positive) != len(latents):
+        latents = _split_batches_to_match(latents, len(positive))
+    if len(positive) != len(latents):
         raise UserInputError(
             f"{len(latents)} latents but {len(positive)} conditionings: connect the latents and conditioning "
             f"outputs of the same Make Training Dataset / Load Training Dataset / Resolution Bucket node, or a "
             f"single conditioning for all images."
         )
     return flatten_latent_batches(list(latents), list(positive))
+
+
+def _split_batches_to_match(latents: Sequence[Any], count: int) -> Sequence[Any]:
+    """One LATENT per sample when the batched LATENTs hold exactly `count` samples in all.
+
+    ComfyUI's trainer accepts one batched LATENT (e.g. from a batch of images) with one
+    conditioning per image; the pairing is by position in the batch.
+    """
+    samples = [sample[None] for latent in latents if isinstance(latent, dict) and "samples" in latent
+               for sample in latent["samples"]]
+    return [{"samples": sample} for sample in samples] if len(samples) == count else latents
 
 
 def conditioning_entry(cond: Any, where: str = "conditioning") -> list:

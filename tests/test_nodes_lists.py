@@ -68,6 +68,15 @@ def test_training_samples_one_conditioning_for_all():
     assert len(samples) == 3 and len(per_sample) == 1
 
 
+def test_training_samples_one_batched_latent_with_a_conditioning_per_image():
+    # As ComfyUI's trainer takes it: one LATENT of 3 images, one conditioning per image, by position.
+    batch = {"samples": torch.stack([torch.full((4, 2, 2), float(i)) for i in range(3)])}
+    samples, per_sample = lists.training_samples([batch], [_cond(i) for i in range(3)])
+    assert [s.shape for s in samples] == [torch.Size([4, 2, 2])] * 3
+    assert [s[0, 0, 0].item() for s in samples] == [0.0, 1.0, 2.0]
+    assert [lists.conditioning_entry(c)[0][0, 0, 0].item() for c in per_sample] == [0.0, 1.0, 2.0]
+
+
 def test_training_samples_count_mismatch_is_a_user_error():
     latents = [{"samples": torch.zeros(1, 4, 2, 2)} for _ in range(3)]
     with pytest.raises(ValueError, match="3 latents but 2 conditionings"):
