@@ -30,7 +30,9 @@ from .checkpointing import GradientCheckpointing
 from .denoiser import Denoiser
 from .errors import TrainingStopped, UserInputError
 from .objectives import Objective, ObjectiveConfig
+from .offload import BlockOffloader, check_offloading
 from .optim import align_optimizer_state, make_optimizer, normalise_optimizer_name, parameter_groups
+from .quantized import require_bypass_for_quantized
 from .schedule import check_scheduler, lr_multiplier
 from .targets import TargetSpec
 from .training.plan import BatchPlan, MicroBatch
@@ -73,6 +75,7 @@ class TrainConfig:
     bypass: bool = False  # True: forward hooks (base weights untouched); False: W + dW each forward
     gradient_checkpointing: bool = True
     checkpoint_depth: int = 1
+    offloading: bool = False  # frozen block weights stream from the CPU, one block at a time
     save_every_steps: int = 0  # 0 = only the final result
     validation_every_steps: int = 0  # 0 = no validation loss
     validation_samples: int = 4
@@ -90,6 +93,7 @@ class TrainConfig:
         self.optimizer = normalise_optimizer_name(self.optimizer)
         self.lr_scheduler = check_scheduler(self.lr_scheduler)
         self.training_dtype = check_training_dtype(self.training_dtype)
+        check_offloading(self.offloading, self.gradient_checkpointing)
         for name, kind in (("objective", ObjectiveConfig), ("adapter", AdapterSpec), ("targets", TargetSpec)):
             if not isinstance(getattr(self, name), kind):
                 raise UserInputError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}.")
@@ -283,6 +287,8 @@ def train(
         return TrainResult(adapter_set, loss_history, step_history, lr_history, val_history, final_step,
                            cpu_copy(optimizer.state_dict()), stopped_early)
 
+    # Quantized (float8 / packed) weights cannot hold W + dW: only bypass hooks train on them.
+    require_bypass_for_quantized(denoiser.module, config.bypass)
     attach = attach_bypass if config.bypass else lambda m, s: attach_merged(m, s, trainable=True)
     step = steps_done
     with contextlib.ExitStack() as attached:
@@ -290,6 +296,9 @@ def train(
         attached.enter_context(attach(denoiser.module, adapter_set))
         if config.gradient_checkpointing:
             attached.enter_context(GradientCheckpointing(denoiser.module, config.checkpoint_depth))
+        offloader = None
+        if config.offloading:  # after attach: a merge parametrization's weight is streamed too
+            offloader = attached.enter_context(BlockOffloader(denoiser.module, device, depth=config.checkpoint_depth))
 
         if config.validation_every_steps:
             val_history.append((step, validation_loss(denoiser, objective, validation_data, config.validation_samples,
@@ -320,6 +329,8 @@ def train(
                 precision.backward(loss)
                 summed_loss += loss.detach()
             step_loss = summed_loss.item()
+            if offloader is not None:
+                offloader.release_all()  # the block recomputed last is not needed until the next forward
 
             # Update, unless the loss or the gradient is not finite: then the step is skipped and
             # the weights stay the last good ones.

@@ -42,6 +42,7 @@ import folder_paths
 
 from ..lora_core.data.paths import is_inside, resolve_inside
 from ..lora_core.errors import UserInputError
+from ..lora_core.quantized import LowVramCheck, check_low_vram_settings
 from .lists import Throttle, conditioning_entry
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,21 @@ def _concat_groups(per_sample: list[dict]) -> list[list[int]]:
 # The training session
 # --------------------------------------------------------------------------------------------
 
+def low_vram_check(model, config, quantized_backward: bool) -> LowVramCheck:
+    """Refuse settings that cannot work on this model (merge mode on float8 / packed weights,
+    offloading without checkpointing) before anything is loaded; show the warnings (FP8 backward
+    unavailable, training_dtype other than none on a quantized model) in the log and the UI."""
+    check = check_low_vram_settings(
+        model.model.diffusion_model, device=model.load_device, bypass=config.bypass,
+        training_dtype=config.training_dtype, gradient_checkpointing=config.gradient_checkpointing,
+        offloading=config.offloading, quantized_backward=quantized_backward,
+    )
+    for warning in check.warnings:
+        log.warning("[LoRA Trainer] %s", warning)
+        send_text(warning)
+    return check
+
+
 @contextlib.contextmanager
 def training_session(model, offloading: bool, quantized_backward: bool = False) -> Iterator[ComfyDenoiser]:
     """A clone of `model` loaded for training; ComfyUI's flags and the clone undone on exit.
@@ -182,7 +198,9 @@ def training_session(model, offloading: bool, quantized_backward: bool = False) 
             comfy.model_management.in_training = True
             comfy.model_management.training_fp8_bwd = quantized_backward
             # Ask for all memory, as ComfyUI's trainer does: other models leave VRAM, and with
-            # offloading as few weights as possible stay resident (the rest stream per layer).
+            # offloading as few weights as possible are loaded. The engine's BlockOffloader then
+            # streams the rest one block at a time as fresh tensors: ComfyUI's own per-layer casts
+            # may reuse one buffer across layers, which a block recomputed in backward cannot keep.
             comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=not offloading)
             _make_autograd_safe(patcher.model)
             patcher.pre_run()

@@ -102,6 +102,7 @@ def train_config(v: dict, mixed_sizes: bool) -> TrainConfig:
         bypass=v["bypass_mode"],
         gradient_checkpointing=v["gradient_checkpointing"],
         checkpoint_depth=v["checkpoint_depth"],
+        offloading=v["offloading"],
         save_every_steps=v["save_every_steps"],
         validation_every_steps=v["validation_every_steps"],
         validation_samples=v["validation_samples"],
@@ -109,7 +110,7 @@ def train_config(v: dict, mixed_sizes: bool) -> TrainConfig:
 
 
 # Widgets that shape the run but are not part of TrainConfig, recorded in the file too.
-NODE_ONLY_SETTINGS = ("lora_dtype", "offloading", "quantized_backward", "bucket_mode", "existing_lora")
+NODE_ONLY_SETTINGS = ("lora_dtype", "quantized_backward", "bucket_mode", "existing_lora")
 
 
 def lora_output(result: TrainResult, config: TrainConfig, v: dict, base_model: str,
@@ -290,7 +291,8 @@ class TrainLoRA(io.ComfyNode):
 def run_training(model, data: TrainingData, config: TrainConfig, v: dict) -> io.NodeOutput:
     base_model = glue.base_model_name(model)
     checkpoints = CheckpointWriter(config, v, base_model)
-    with glue.training_session(model, v["offloading"], v["quantized_backward"]) as denoiser:
+    fp8_backward = glue.low_vram_check(model, config, v["quantized_backward"]).fp8_backward
+    with glue.training_session(model, config.offloading, fp8_backward) as denoiser:
         checkpoints.prediction_type = denoiser.prediction_type
         resume = load_resume(v["existing_lora"], denoiser, config)
         start = resume.steps_done if resume is not None else 0

@@ -269,3 +269,10 @@ def test_comfyui_cast_layers_and_lowvram_patches_work_with_offloading(tmp_path):
         assert result["equal"] and result["nonzero"] and result["restored"], (storage, result)
         assert result["streamed"] > 0, storage
     assert results["float16"]["quantized"] == 0 and results["float8_e4m3fn"]["quantized"] > 0
+
+
+def test_the_engine_refuses_merge_mode_on_a_float8_model():
+    denoiser = make_toy_denoiser("flow")
+    quantize_linears(denoiser.module, torch.float8_e4m3fn)
+    with pytest.raises(UserInputError, match="quantized model needs bypass_mode"):
+        train(denoiser, toy_dataset(), quantized_config(bypass=False, steps=1))

@@ -228,3 +228,24 @@ def test_a_weight_tied_across_blocks_stays_resident():
     offloaded_loss, offloaded_grads = loss_and_grads(net, adapters, inputs, offload=True)
     assert torch.equal(loss, offloaded_loss)
     assert all(torch.equal(grads[name], offloaded_grads[name]) for name in grads)
+
+
+def test_the_engine_trains_the_same_adapter_with_offloading():
+    from conftest import toy_dataset
+
+    from lora_core.trainer import TrainConfig, train
+
+    results = []
+    for offloading in (False, True):
+        config = TrainConfig(steps=4, batch_size=2, learning_rate=1e-2, training_dtype="fp32", bypass=True,
+                             targets=TargetSpec(preset="all"), gradient_checkpointing=True, offloading=offloading,
+                             validation_every_steps=2)
+        denoiser = make_toy_denoiser("eps", config=ToyNetConfig(depth=3))
+        before = snapshot(denoiser.module)
+        results.append(train(denoiser, toy_dataset(), config))
+        assert_restored(denoiser.module, before)
+    assert results[0].loss == results[1].loss and results[0].val_loss == results[1].val_loss
+    first, second = (r.adapter_set.to_state_dict() for r in results)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    with pytest.raises(UserInputError, match="offloading needs gradient_checkpointing on"):
+        TrainConfig(offloading=True, gradient_checkpointing=False)
