@@ -3,7 +3,5 @@ conftest.py under tests/integration makes `from conftest import ...` ambiguous).
 
 import torch
 
-from lora_core.toy import toy_dataset  # noqa: F401  (kept for tests that still import it from here)
-
 # The test models have a few thousand parameters: thread start-up costs more than it saves.
 torch.set_num_threads(1)

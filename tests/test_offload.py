@@ -231,7 +231,7 @@ def test_a_weight_tied_across_blocks_stays_resident():
 
 
 def test_the_engine_trains_the_same_adapter_with_offloading():
-    from conftest import toy_dataset
+    from lora_core.toy import toy_dataset
 
     from lora_core.trainer import TrainConfig, train
 
