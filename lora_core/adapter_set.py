@@ -165,7 +165,7 @@ class AdapterSet(nn.Module):
             grouped.setdefault(module, {})[suffix] = tensor
         adapters, weight_diffs, bias_diffs = {}, {}, {}
         for name, tensors in grouped.items():
-            layer = _find_module(model, name) if model is not None else None
+            layer = find_module(model, name) if model is not None else None
             device = _device_of(layer) if layer is not None else None
             if WEIGHT_DIFF in tensors:
                 weight_diffs[name] = _checked_diff(tensors.pop(WEIGHT_DIFF), layer, "weight", name).to(device)
@@ -180,7 +180,7 @@ def _parameter(tensor: torch.Tensor) -> nn.Parameter:
     return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor)
 
 
-def _find_module(model: nn.Module, name: str) -> nn.Module:
+def find_module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .adapter_set import AdapterSet
+from .adapter_set import AdapterSet, find_module
 from .adapters import Adapter, LayerGeometry, adaptable
 from .adapters.base import compute_dtype
 from .errors import UserInputError
@@ -71,16 +71,6 @@ def _build(fill: Callable[[Attachment], None]) -> Attachment:
     return attachment
 
 
-def _module(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise UserInputError(
-            f"The LoRA has tensors for layer '{name}', which this model does not have. The LoRA "
-            "was made for a different model."
-        ) from None
-
-
 def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
     """The input tensor of a Linear/Conv/norm call, positional or passed by keyword."""
     if args:
@@ -103,7 +93,7 @@ def _channel_shape(tensor: torch.Tensor, output: torch.Tensor, channel_dim: int)
 def attach_bypass(model: nn.Module, adapter_set: AdapterSet, strength: float = 1.0) -> Attachment:
     def fill(attachment: Attachment) -> None:
         for name, adapter in adapter_set.adapter_items():
-            layer = _module(model, name)
+            layer = find_module(model, name)
             hook = _adapter_hook(adapter, LayerGeometry.of(layer, name), adapter_set.bias_diff(name), strength)
             attachment.on_remove(_hook(layer, hook))
         adapted = {name for name, _ in adapter_set.adapter_items()}
@@ -111,9 +101,9 @@ def attach_bypass(model: nn.Module, adapter_set: AdapterSet, strength: float = 1
         for name, bias_diff in adapter_set.bias_diff_items():
             if name not in adapted and name not in weights:
                 hook = _bias_hook(bias_diff, strength)
-                attachment.on_remove(_hook(_module(model, name), hook))
+                attachment.on_remove(_hook(find_module(model, name), hook))
         for name, weight_diff in weights.items():
-            module = _module(model, name)
+            module = find_module(model, name)
             bias_diff = None if name in adapted else adapter_set.bias_diff(name)
             hook = _weight_diff_hook(module, name, weight_diff, bias_diff, strength)
             attachment.on_remove(_hook(module, hook))
@@ -195,11 +185,11 @@ def attach_merged(
 ) -> Attachment:
     slots: list[tuple[nn.Module, str, Callable[[torch.Tensor], torch.Tensor]]] = []
     for name, adapter in adapter_set.adapter_items():
-        slots.append((_module(model, name), "weight", _adapter_delta(adapter, strength)))
+        slots.append((find_module(model, name), "weight", _adapter_delta(adapter, strength)))
     for name, diff in adapter_set.weight_diff_items():
-        slots.append((_module(model, name), "weight", _plain_delta(diff, strength)))
+        slots.append((find_module(model, name), "weight", _plain_delta(diff, strength)))
     for name, diff in adapter_set.bias_diff_items():
-        slots.append((_module(model, name), "bias", _plain_delta(diff, strength)))
+        slots.append((find_module(model, name), "bias", _plain_delta(diff, strength)))
 
     def fill(attachment: Attachment) -> None:
         for module, attribute, delta in slots:

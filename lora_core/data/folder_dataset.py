@@ -35,15 +35,20 @@ class FolderDataset:
     scan: FolderScan
 
     @property
+    def kept(self) -> FolderScan:
+        """The scan narrowed to the images that loaded (skip_bad may have left some out)."""
+        return self.scan.with_entries(self.entries)
+
+    @property
     def captions(self) -> list[str]:
-        return ["" if e.caption is None else e.caption for e in self.entries]
+        return self.kept.captions
 
     @property
     def repeats(self) -> list[int]:
-        return [e.repeats for e in self.entries]
+        return self.kept.repeats
 
     def summary(self) -> str:
-        lines = [self.scan.with_entries(self.entries).summary()]
+        lines = [self.kept.summary()]
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} unreadable images:")
             lines.extend(f"  {s}" for s in self.skipped)
