@@ -114,10 +114,19 @@ def _checkpointed(forward: Callable) -> Callable:
 
 
 class GradientCheckpointing:
-    """Context manager: blocks of `root` recompute their forward in backward while inside."""
+    """Context manager: blocks of `root` recompute their forward in backward while inside.
 
-    def __init__(self, root: nn.Module, depth: int = 1):
+    The block that runs last is left alone: backward needs its activations at once, so
+    recomputing them would cost a forward of that block and save no peak memory (the peak is
+    the same whether they were kept or rebuilt). Blocks run in the order they are registered in
+    the model families we know (UNet output blocks, Flux single blocks), so the last registered
+    one is taken as the last to run; were it not, only that block's activations would be kept.
+    """
+
+    def __init__(self, root: nn.Module, depth: int = 1, recompute_last_block: bool = False):
         self.blocks = find_checkpoint_blocks(root, depth)
+        if not recompute_last_block and len(self.blocks) > 1:
+            self.blocks.pop(list(self.blocks)[-1])
         self._saved: dict[str, tuple[nn.Module, Callable | None]] = {}
 
     def apply(self) -> "GradientCheckpointing":

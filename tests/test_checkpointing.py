@@ -140,7 +140,13 @@ def test_members_of_stepped_through_sequential_blocks_are_recomputed_in_backward
             # wrapped block itself are skipped by the checkpoint's direct call).
             module.norm.register_forward_pre_hook(lambda m, a, name=name: calls.append(name))
     x = torch.randn(3, 4, requires_grad=True)
-    with GradientCheckpointing(model):
+    with GradientCheckpointing(model, recompute_last_block=True):
         model(x).sum().backward()
     # Every block ran once forward and once more, recomputed, in backward.
     assert sorted(calls) == sorted(2 * ["input_blocks.0.0", "input_blocks.0.1", "input_blocks.1.0"])
+
+    # By default the block that runs last keeps its activations (backward needs them at once).
+    calls.clear()
+    with GradientCheckpointing(model):
+        model(x).sum().backward()
+    assert sorted(calls) == sorted(2 * ["input_blocks.0.0", "input_blocks.0.1"] + ["input_blocks.1.0"])
