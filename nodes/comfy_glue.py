@@ -369,7 +369,7 @@ def raise_if_interrupted() -> None:
 class TrainingProgress:
     """Progress bar with the loss in the node text and a live loss chart, throttled."""
 
-    def __init__(self, total_steps: int, chart: Callable[[list[float], list | None], Image.Image] | None = None,
+    def __init__(self, total_steps: int, chart: Callable[[list[float]], Image.Image] | None = None,
                  every_steps: int = 10, every_seconds: float = 10.0):
         # A chart render costs ~0.1 s: every 10 s keeps it near 1% of a run whatever the step time.
         self.total = max(1, int(total_steps))
@@ -378,8 +378,7 @@ class TrainingProgress:
         self.throttle = Throttle(every_steps, every_seconds)
         self.node_id = _executing_node_id()
 
-    def update(self, step: int, loss: float, history: list[float], val_loss: list | None = None,
-               lr: float | None = None) -> None:
+    def update(self, step: int, loss: float, history: list[float], lr: float | None = None) -> None:
         # Do not call into the progress hook once a cancel is pending: it would raise inside the
         # engine before it could save; the engine sees should_stop() and the node re-raises.
         if processing_interrupted():
@@ -391,7 +390,7 @@ class TrainingProgress:
                 text += f"  lr {lr:.2e}"
             send_text(text, self.node_id)
             if self.chart is not None and history:
-                preview = ("PNG", self.chart(history, val_loss), 512)
+                preview = ("PNG", self.chart(history), 512)
         self.pbar.update_absolute(step, self.total, preview)
 
 

@@ -318,7 +318,7 @@ def run_training(model, data: TrainingData, config: TrainConfig, v: dict) -> io.
     return io.NodeOutput(lora, result.loss_map(), result.total_steps)
 
 
-def _chart(history: list[float], val_loss) -> Image.Image:
+def _chart(history: list[float]) -> Image.Image:
     return glue.png_to_pil(loss_chart_png(history, title=f"Training loss ({len(history)} steps)"))
 
 
