@@ -3,10 +3,13 @@
     COMFYUI_ROOT=/opt/comfy /opt/comfy/venv/bin/python bench/memory_modes.py --unet small
     COMFYUI_ROOT=/opt/comfy /opt/comfy/venv/bin/python bench/memory_modes.py --unet full --batch 1
 
-Modes (LoRA rank 8 on the attention/MLP layers, bypass hooks, AdamW, fp32 on CPU / bf16 autocast on GPU):
+Modes (LoRA rank 8 on the `--targets` preset, bypass hooks, AdamW, fp32 on CPU / bf16 autocast on GPU):
 - off: no gradient checkpointing;
 - whole: one checkpoint around the whole UNet (what ComfyUI's built-in trainer does at depth 1);
 - block: `lora_core.checkpointing.GradientCheckpointing` at depth 1 (each input/middle/output block);
+- auto: Train LoRA's default checkpoint_policy: blocks keep their activations (least bytes per FLOP
+  first) up to the size of the model's weights, capped by half the free memory; the rest is recomputed
+  (chosen on the warm-up step). `--auto-budget-mib` replaces that budget, to see the trade-off;
 - block+offload: block checkpointing plus `lora_core.offload.BlockOffloader`.
 
 Each (mode, batch) runs in a fresh process that builds the UNet with ComfyUI's own classes (seeded random
@@ -36,7 +39,7 @@ import sys
 import time
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ("off", "whole", "block", "block+offload")
+MODES = ("off", "whole", "block", "auto", "block+offload")
 MIB = 1024 ** 2
 
 UNET_CONFIGS = {
@@ -121,13 +124,14 @@ def worker(options) -> dict:
     from lora_core.adapters import AdapterSpec
     from lora_core.attach import AdapterSet, attach_bypass
     from lora_core.checkpointing import GradientCheckpointing
+    from lora_core.device_memory import activation_budget
     from lora_core.offload import BlockOffloader
     from lora_core.targets import TargetSpec
 
     torch.set_num_threads(options.threads)
     device = torch.device(options.device)
     model = build_unet(options.unet, seed=1234).to(device)
-    adapters = AdapterSet.create(model, AdapterSpec(rank=8, alpha=8), TargetSpec(preset="attention_mlp"),
+    adapters = AdapterSet.create(model, AdapterSpec(rank=8, alpha=8), TargetSpec(preset=options.targets),
                                  torch.Generator().manual_seed(0)).to(device)
     optimizer = torch.optim.AdamW(adapters.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(42)
@@ -155,6 +159,12 @@ def worker(options) -> dict:
             stack.callback(whole_model_checkpoint(model))
         elif options.mode.startswith("block"):
             stack.enter_context(GradientCheckpointing(model, depth=1))
+        elif options.mode == "auto":
+            if options.auto_budget_mib is None:
+                budget = lambda: activation_budget(model, device)  # noqa: E731
+            else:
+                budget = lambda: int(options.auto_budget_mib * MIB)  # noqa: E731
+            stack.enter_context(GradientCheckpointing(model, depth=1, keep_budget=budget))
         offloader, resident_bytes = None, model_bytes
         if options.mode == "block+offload":
             offloader = stack.enter_context(BlockOffloader(model, device))
@@ -212,7 +222,9 @@ def profiled_peak(run) -> int:
 def run_case(options, mode: str, batch: int) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--mode", mode, "--batch", str(batch),
                "--unet", options.unet, "--device", options.device, "--steps", str(options.steps),
-               "--latent", str(options.latent), "--threads", str(options.threads)]
+               "--latent", str(options.latent), "--threads", str(options.threads), "--targets", options.targets]
+    if options.auto_budget_mib is not None:
+        command += ["--auto-budget-mib", str(options.auto_budget_mib)]
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
     if done.returncode != 0:
         sys.exit(f"worker {mode} batch {batch} failed:\n{done.stderr[-4000:]}")
@@ -227,6 +239,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--steps", type=int, default=1, help="timed optimizer steps (after the warm-up and measured steps)")
     parser.add_argument("--latent", type=int, default=32, help="latent side (32 = 256 px images)")
+    parser.add_argument("--auto-budget-mib", type=float, default=None,
+                        help="mode auto: activation MiB the blocks may keep (default: Train LoRA's own budget)")
+    parser.add_argument("--targets", default="all", help="target preset of the LoRA (Train LoRA's default: all)")
     parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
@@ -240,7 +255,7 @@ def main() -> None:
 
     on_gpu = options.device.startswith("cuda")
     print(f"UNet {options.unet}, {options.latent}x{options.latent} latents, device {options.device}, "
-          f"{options.threads} threads, LoRA rank 8 (attention+MLP, bypass), fp32 on CPU / bf16 autocast on GPU.")
+          f"{options.threads} threads, LoRA rank 8 ({options.targets} layers, bypass), fp32 on CPU / bf16 autocast on GPU.")
     print("added = peak of tensor allocations during one training step over what the built model holds "
           f"({'max_memory_allocated' if on_gpu else 'profiler allocation events'}); on device = frozen weights "
           "kept on the compute device + added (what a GPU holds at the peak); RSS = peak RSS growth over the "

@@ -90,13 +90,12 @@ def make_cases(device: str) -> dict[str, Case]:
         "b4": Case("b4", 4, dict(dtypes), dict(dtypes)),
         # the built-in's fastest configuration vs ours at its defaults
         "fastest": Case("fastest", 1, dict(dtypes, bypass_mode=True, gradient_checkpointing=False), dict(dtypes)),
-        # diagnostic: ours made to train what the built-in trains (every Linear/Conv, plus bias and norm diffs)
-        "b1_alltargets": Case("b1_alltargets", 1, dict(dtypes),
-                              dict(dtypes, target_preset="all", train_norms_and_biases=True)),
-        # diagnostics: ours at 10x the learning rate (ComfyUI's LoRA init, random up / zero down, moves the output
-        # much more per Adam step than the kohya/PEFT init ours uses), and ours with bypass hooks
-        "b1_ours_lr10x": Case("b1_ours_lr10x", 1, dict(dtypes), dict(dtypes, learning_rate=5e-3)),
-        "b1_ours_bypass": Case("b1_ours_bypass", 1, dict(dtypes), dict(dtypes, bypass_mode=True)),
+        # diagnostic: ours made to train exactly what the built-in trains (plus bias and norm diffs)
+        "b1_alltargets": Case("b1_alltargets", 1, dict(dtypes), dict(dtypes, train_norms_and_biases=True)),
+        # diagnostics: ours at the built-in's scale (alpha 1: with the kohya/PEFT zero-up init it moves the output
+        # about 8x less per Adam step), and ours on attention + MLP layers only (our former default)
+        "b1_ours_alpha1": Case("b1_ours_alpha1", 1, dict(dtypes), dict(dtypes, alpha=1.0)),
+        "b1_ours_attn_mlp": Case("b1_ours_attn_mlp", 1, dict(dtypes), dict(dtypes, target_preset="attention_mlp")),
         # like fastest, with checkpointing off on both sides
         "fastest_nogc": Case("fastest_nogc", 1, dict(dtypes, bypass_mode=True, gradient_checkpointing=False),
                              dict(dtypes, gradient_checkpointing=False)),
@@ -398,11 +397,13 @@ def worker_train(opts):
     values = dict(model=model, latents=[{"samples": x[None]} for x in latents], positive=conds, steps=total_steps,
                   batch_size=case.batch_size, learning_rate=5e-4, rank=8, optimizer="AdamW", loss_function="MSE",
                   seed=opts.seed, algorithm="lora", gradient_checkpointing=True, grad_accumulation_steps=1)
-    if opts.slot == "ours" and impl == "ours":
-        # The built-in always creates LoRAs with alpha 1 (scale alpha/rank); give ours the same parametrisation so
-        # "learns more per step" is not just a larger effective learning rate.
-        values["alpha"] = 1.0
+    # Alpha and target layers stay each trainer's default (issue 6: "with each trainer's default settings"). The
+    # built-in: alpha 1 with its random-up / zero-down init, every Linear/Conv plus bias and norm diffs. Ours:
+    # alpha = rank (scale 1) with the kohya/PEFT zero-up init, every Linear/Conv. Per Adam step at equal lr the two
+    # inits move a layer's output about equally far (see README, "Against ComfyUI's built-in Train LoRA").
     values.update(overrides)
+    if opts.slot == "ours":
+        values.update(parse_settings(opts.ours_set))
 
     if opts.device != "cpu":
         torch.cuda.synchronize()
@@ -497,12 +498,28 @@ def worker_eval(opts):
 # Orchestrator
 # ----------------------------------------------------------------------------------------------------------------
 
+def parse_settings(items: list[str]) -> dict:
+    """`--ours-set alpha=8 target_preset=all`: node input values for our slot (JSON where it parses, else text)."""
+    settings = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--ours-set expects KEY=VALUE, got {item!r}")
+        try:
+            settings[key] = json.loads(text)
+        except json.JSONDecodeError:
+            settings[key] = text
+    return settings
+
+
 def spawn(opts, extra: list[str], fatal: bool = True) -> bool:
     cmd = [sys.executable, os.path.abspath(__file__), "--unet", opts.unet, "--resolution", str(opts.resolution),
            "--images", str(opts.images), "--steps", str(opts.steps), "--warmup", str(opts.warmup),
            "--seed", str(opts.seed), "--device", opts.device, "--out-dir", opts.out_dir] + extra
     if opts.profile:
         cmd.append("--profile")
+    for item in opts.ours_set or []:
+        cmd += ["--ours-set", item]
     print("  $", " ".join(extra), flush=True)
     env = dict(os.environ)
     if opts.threads:
@@ -609,7 +626,8 @@ def orchestrate(opts):
         print("note: the fp8 case is meant for GPUs; on CPU it only checks that both trainers run it")
     print(f"device={opts.device} unet={opts.unet} {opts.resolution}px ({opts.resolution // 8}x{opts.resolution // 8} "
           f"latents) images={opts.images} steps={opts.total_steps} (timed {opts.steps}, warmup {opts.warmup} + 1) "
-          f"cases={cases} ours={opts.ours_impl} threads={opts.threads or 'torch default'} out={opts.out_dir}", flush=True)
+          f"cases={cases} ours={opts.ours_impl} ours-set={opts.ours_set} threads={opts.threads or 'torch default'} "
+          f"out={opts.out_dir}", flush=True)
 
     runs: dict = {}
     evals: dict = {}
@@ -643,7 +661,8 @@ def orchestrate(opts):
 
     print()
     print(f"ours vs ComfyUI built-in TrainLoraNode: {opts.unet} SD1.5 UNet "
-          f"({UNET_PARAMS.get(opts.unet, '?')} params), {opts.resolution}px, {opts.device}, rank 8 (alpha 1 both), "
+          f"({UNET_PARAMS.get(opts.unet, '?')} params), {opts.resolution}px, {opts.device}, rank 8 (alpha: each "
+          f"trainer's default), "
           f"AdamW lr 5e-4, MSE, {opts.total_steps} optimizer steps per run ({opts.steps} timed), "
           f"runs per case {dict(cases)}, A/B alternated in fresh processes, "
           f"threads {opts.threads or 'torch default'}")
@@ -662,11 +681,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (first is never timed)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per trainer and case, alternated A B A B")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cases", default="b1,b4,fastest", help="comma list of b1,b4,fastest,b1_alltargets,b1_ours_lr10x,b1_ours_bypass,fastest_nogc,fp8; "
+    parser.add_argument("--cases", default="b1,b4,fastest", help="comma list of b1,b4,fastest,b1_alltargets,b1_ours_alpha1,b1_ours_attn_mlp,fastest_nogc,fp8; "
                         "case:N runs that case N times instead of --repeats")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--ours-impl", default="ours", choices=["ours", "builtin"],
                         help="run the built-in in our slot too (to check the bench itself)")
+    parser.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one of our node's inputs in every case (repeatable), e.g. --ours-set alpha=8")
     parser.add_argument("--no-eval", action="store_true", help="skip the eps-error evaluation")
     parser.add_argument("--out-dir", default="")
     parser.add_argument("--threads", type=int, default=0,

@@ -14,12 +14,16 @@ training is cancelled by an exception.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
+_log = logging.getLogger(__name__)
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 _HEAVY_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -113,6 +117,78 @@ def _checkpointed(forward: Callable) -> Callable:
     return checkpointed_forward
 
 
+@dataclass
+class BlockCost:
+    """What keeping one block's activations costs, and what recomputing them instead costs."""
+
+    saved_bytes: int  # tensors autograd saves for backward inside the block (not weights, not block inputs)
+    flops: int  # forward FLOPs: what a recompute costs
+
+
+def _flop_counter() -> FlopCounterMode:
+    # PyTorch's counter knows the CUDA attention kernels; the CPU one has the same cost.
+    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    custom = {cpu_attention: sdpa_flop} if cpu_attention is not None else {}
+    return FlopCounterMode(display=False, custom_mapping=custom)
+
+
+def _storage(tensor: torch.Tensor) -> tuple[int, int]:
+    """(identity, bytes) of the memory behind `tensor`; views share it. Wrapper subclasses (e.g.
+    quantized weights) have no storage of their own: the tensor itself is the unit then."""
+    try:
+        storage = tensor.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return id(tensor), tensor.numel() * tensor.element_size()
+
+
+def tensor_storages(tensors) -> set[int]:
+    return {_storage(t)[0] for t in tensors if isinstance(t, torch.Tensor)}
+
+
+def measure_block(forward: Callable, args: tuple, kwargs: dict, excluded_storages: set[int]) -> BlockCost:
+    """Run `forward` once with autograd on, count the bytes it saves for backward and its FLOPs, drop the result.
+
+    The peak is one block's activations, which a checkpointed backward holds anyway while it
+    recomputes that block. RNG state is restored, so dropout draws are as if this never ran.
+    """
+    inputs = tensor_storages((*args, *kwargs.values()))
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        key, size = _storage(tensor)
+        if key not in excluded_storages and key not in inputs:
+            seen[key] = size
+        return tensor
+
+    devices = sorted({t.device.index or 0 for t in (*args, *kwargs.values())
+                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices), _flop_counter() as flops:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            output = forward(*args, **kwargs)
+        del output
+    return BlockCost(sum(seen.values()), int(flops.get_total_flops()))
+
+
+def choose_blocks(costs: dict[str, BlockCost], keep_budget: int) -> set[str]:
+    """The blocks to recompute: the others keep their activations, least bytes per FLOP first, while
+    they fit in `keep_budget` bytes.
+
+    Blocks differ a lot: frozen convolutions save nothing for backward, so a UNet's res-blocks hold
+    ~10x less activation memory per FLOP than its attention blocks; keeping them costs little and
+    spares their recompute.
+    """
+    order = sorted((name for name, cost in costs.items() if cost.saved_bytes > 0),
+                   key=lambda name: costs[name].saved_bytes / max(costs[name].flops, 1))
+    kept, recomputed = 0, set()
+    for name in order:
+        if kept + costs[name].saved_bytes <= keep_budget:
+            kept += costs[name].saved_bytes
+        else:
+            recomputed.add(name)
+    return recomputed
+
+
 class GradientCheckpointing:
     """Context manager: blocks of `root` recompute their forward in backward while inside.
 
@@ -121,20 +197,65 @@ class GradientCheckpointing:
     the same whether they were kept or rebuilt). Blocks run in the order they are registered in
     the model families we know (UNet output blocks, Flux single blocks), so the last registered
     one is taken as the last to run; were it not, only that block's activations would be kept.
+
+    With `keep_budget` (bytes, asked for once), recomputing is kept to what memory needs: the
+    first forward with autograd measures each block once more (the bytes it saves for backward
+    and its FLOPs; the result is dropped) while every block is still recomputed, and from the next
+    forward on only the blocks `choose_blocks` picks are. Without it, every block is recomputed.
     """
 
-    def __init__(self, root: nn.Module, depth: int = 1, recompute_last_block: bool = False):
+    def __init__(self, root: nn.Module, depth: int = 1, recompute_last_block: bool = False,
+                 keep_budget: Callable[[], int] | None = None):
+        self.root = root
         self.blocks = find_checkpoint_blocks(root, depth)
         if not recompute_last_block and len(self.blocks) > 1:
             self.blocks.pop(list(self.blocks)[-1])
+        self.keep_budget = keep_budget
+        self.costs: dict[str, BlockCost] = {}
+        self.recomputed: set[str] | None = set(self.blocks) if keep_budget is None else None  # None: not chosen yet
         self._saved: dict[str, tuple[nn.Module, Callable | None]] = {}
+        self._weights: set[int] = set()
 
     def apply(self) -> "GradientCheckpointing":
+        if self.recomputed is None:
+            self._weights = tensor_storages((*self.root.parameters(), *self.root.buffers()))
         for name, block in self.blocks.items():
             previous = block.__dict__.get("forward")
             self._saved[name] = (block, previous)
-            block.forward = _checkpointed(block.forward)
+            block.forward = self._forward_for(name, block.forward)
         return self
+
+    def _forward_for(self, name: str, forward: Callable) -> Callable:
+        checkpointed = _checkpointed(forward)
+        if self.recomputed is not None:
+            return checkpointed
+
+        def selective_forward(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            if self.recomputed is None:
+                if name not in self.costs:
+                    self.costs[name] = measure_block(forward, args, kwargs, self._weights)
+                    return checkpointed(*args, **kwargs)
+                self._choose()  # a block runs again: the first pass is over
+            return checkpointed(*args, **kwargs) if name in self.recomputed else forward(*args, **kwargs)
+
+        return selective_forward
+
+    def _choose(self) -> None:
+        budget = max(0, int(self.keep_budget()))
+        self.recomputed = choose_blocks(self.costs, budget)
+        self.recomputed |= set(self.blocks) - set(self.costs)  # never measured (did not run): stay safe
+        self._weights = set()
+        _log.info("Gradient checkpointing: %d of %d blocks recomputed; the others keep %.0f MiB of activations "
+                  "(budget %.0f MiB).", len(self.recomputed), len(self.blocks), self.kept_bytes() / 2**20,
+                  budget / 2**20)
+
+    def kept_bytes(self) -> int:
+        """Activation bytes the blocks not recomputed keep (measured ones; 0 before the choice)."""
+        if self.recomputed is None:
+            return 0
+        return sum(cost.saved_bytes for name, cost in self.costs.items() if name not in self.recomputed)
 
     def remove(self) -> None:
         while self._saved:

@@ -27,6 +27,7 @@ from .adapter_set import AdapterSet
 from .adapters import AdapterSpec
 from .attach import attach_bypass, attach_merged
 from .checkpointing import GradientCheckpointing
+from .device_memory import activation_budget
 from .denoiser import Denoiser
 from .errors import TrainingStopped, UserInputError
 from .objectives import Objective, ObjectiveConfig
@@ -75,6 +76,7 @@ class TrainConfig:
     bypass: bool = False  # True: forward hooks (base weights untouched); False: W + dW each forward
     gradient_checkpointing: bool = True
     checkpoint_depth: int = 1
+    checkpoint_policy: str = "auto"  # "auto": recompute only what memory needs; "all_blocks": every block
     offloading: bool = False  # frozen block weights stream from the CPU, one block at a time
     save_every_steps: int = 0  # 0 = only the final result
     validation_every_steps: int = 0  # 0 = no validation loss
@@ -90,6 +92,9 @@ class TrainConfig:
         _number("weight_decay", self.weight_decay, 0.0)
         _number("loraplus_ratio", self.loraplus_ratio, 0.0, strictly=True)
         _number("max_grad_norm", self.max_grad_norm, 0.0)
+        if self.checkpoint_policy not in CHECKPOINT_POLICIES:
+            raise UserInputError(f"checkpoint_policy must be one of {', '.join(CHECKPOINT_POLICIES)}, "
+                                 f"got {self.checkpoint_policy!r}.")
         self.optimizer = normalise_optimizer_name(self.optimizer)
         self.lr_scheduler = check_scheduler(self.lr_scheduler)
         self.training_dtype = check_training_dtype(self.training_dtype)
@@ -97,6 +102,9 @@ class TrainConfig:
         for name, kind in (("objective", ObjectiveConfig), ("adapter", AdapterSpec), ("targets", TargetSpec)):
             if not isinstance(getattr(self, name), kind):
                 raise UserInputError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}.")
+
+
+CHECKPOINT_POLICIES = ("auto", "all_blocks")
 
 
 @dataclass
@@ -295,7 +303,11 @@ def train(
         attached.enter_context(_frozen(denoiser.module))
         attached.enter_context(attach(denoiser.module, adapter_set))
         if config.gradient_checkpointing:
-            attached.enter_context(GradientCheckpointing(denoiser.module, config.checkpoint_depth))
+            # Offloading streams each block's weights for its recompute: every block is recomputed.
+            budget = None
+            if config.checkpoint_policy == "auto" and not config.offloading:
+                budget = lambda: activation_budget(denoiser.module, device)  # noqa: E731
+            attached.enter_context(GradientCheckpointing(denoiser.module, config.checkpoint_depth, keep_budget=budget))
         offloader = None
         if config.offloading:  # after attach: a merge parametrization's weight is streamed too
             offloader = attached.enter_context(BlockOffloader(denoiser.module, device, depth=config.checkpoint_depth))

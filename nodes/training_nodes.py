@@ -102,6 +102,7 @@ def train_config(v: dict, mixed_sizes: bool) -> TrainConfig:
         bypass=v["bypass_mode"],
         gradient_checkpointing=v["gradient_checkpointing"],
         checkpoint_depth=v["checkpoint_depth"],
+        checkpoint_policy=v["checkpoint_policy"],
         offloading=v["offloading"],
         save_every_steps=v["save_every_steps"],
         validation_every_steps=v["validation_every_steps"],
@@ -158,15 +159,18 @@ class TrainLoRA(io.ComfyNode):
                              tooltip="Micro-batches summed per optimizer step: a bigger effective batch without "
                                      "more memory (1-8)."),
                 io.Float.Input("learning_rate", default=0.0005, min=0.0000001, max=1.0, step=0.000001,
-                               tooltip="Step size: 1e-4..5e-4 with the default alpha 1 (lower it when alpha = "
-                                       "rank); Prodigy wants 1.0."),
+                               tooltip="Step size: 1e-4..5e-4 with the default alpha = rank (scale 1); with "
+                                       "alpha 1 and rank 8 (scale 1/8, kohya-ss style) use about 8x more. Prodigy "
+                                       "wants 1.0."),
                 io.Int.Input("rank", default=8, min=1, max=256,
                              tooltip="Adapter size: 4-32 for a subject or style, higher for more detail "
                                      "(bigger file)."),
-                io.Float.Input("alpha", default=1.0, min=0.0, max=1024.0, step=0.5,
-                               tooltip="LoRA / LoHa / LoKr scale = alpha / rank. 1.0 (default) matches ComfyUI's "
-                                       "trainer and kohya-ss; alpha = rank gives scale 1 (use a lower learning "
-                                       "rate). OFT: the constraint, 0 = none."),
+                io.Float.Input("alpha", default=8.0, min=0.0, max=1024.0, step=0.5,
+                               tooltip="LoRA / LoHa / LoKr scale = alpha / rank. 8 (default, = the default rank) "
+                                       "gives scale 1, the PEFT/diffusers convention: at the same learning rate it "
+                                       "moves the model about as far per step as ComfyUI's trainer does with its "
+                                       "alpha 1 and random-up init. If you raise rank, raise alpha with it to keep "
+                                       "the same speed. OFT: the constraint, 0 = none."),
                 io.Combo.Input("algorithm", options=list(ALGORITHM_LABELS), default="LoRA",
                                tooltip="LoRA: standard, recommended. LoHa: Hadamard product, more expressive per "
                                        "parameter. LoKr: Kronecker product, smallest files. OFT: orthogonal "
@@ -188,8 +192,9 @@ class TrainLoRA(io.ComfyNode):
                                tooltip="Dtype of the output LoRA tensors (training itself keeps float32 weights). "
                                        "bf16 halves the file; fp32 keeps every bit."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute each block in the backward pass: far less memory, about 30% "
-                                         "slower. Keep on unless memory is plentiful."),
+                                 tooltip="Recompute blocks in the backward pass instead of keeping their activations: "
+                                         "far less memory, slower by up to one extra forward pass (see "
+                                         "checkpoint_policy). Keep on unless memory is plentiful."),
                 io.Int.Input("checkpoint_depth", default=1, min=1, max=5,
                              tooltip="1 = checkpoint each block of the model's block lists; 2+ = their "
                                      "sub-blocks instead (for very large blocks)."),
@@ -240,10 +245,11 @@ class TrainLoRA(io.ComfyNode):
                 io.Float.Input("loraplus_ratio", default=1.0, min=0.01, max=64.0, step=0.5, optional=True, advanced=True,
                                tooltip="LoRA+: the up factors learn this many times faster (16 in the paper); "
                                        "1 = off."),
-                io.Combo.Input("target_preset", options=list(PRESETS) + ["none"], default="attention_mlp",
+                io.Combo.Input("target_preset", options=list(PRESETS) + ["none"], default="all",
                                optional=True, advanced=True,
-                               tooltip="Which layers get adapters: attention, attention + MLP (default), all "
-                                       "Linear/Conv layers, or none (only include_patterns)."),
+                               tooltip="Which layers get adapters: all Linear/Conv layers (default; what ComfyUI's "
+                                       "trainer adapts too), attention + MLP only (smaller, a little faster), "
+                                       "attention only, or none (only include_patterns)."),
                 io.String.Input("include_patterns", default="", optional=True, advanced=True,
                                 tooltip="Extra layers: regular expressions on module names, comma or newline "
                                         "separated, e.g. 'proj_in, time_embed'."),
@@ -267,6 +273,13 @@ class TrainLoRA(io.ComfyNode):
                                      "across steps; 0 = off)."),
                 io.Int.Input("validation_samples", default=4, min=1, max=1000, optional=True, advanced=True,
                              tooltip="How many samples the validation loss uses."),
+                io.Combo.Input("checkpoint_policy", options=["auto", "all_blocks"], default="auto", optional=True,
+                               advanced=True,
+                               tooltip="With gradient_checkpointing on. auto: the first step measures each block; "
+                                       "blocks then keep their activations, cheapest memory per compute first, up "
+                                       "to the size of the model's weights and at most half the free memory, and "
+                                       "only the rest is recomputed. all_blocks: recompute every block (least "
+                                       "memory, slowest). With offloading every block is recomputed."),
             ],
             outputs=[
                 LORA_MODEL.Output(display_name="lora", tooltip="The trained LoRA weights (with metadata)."),

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -150,3 +152,182 @@ def test_members_of_stepped_through_sequential_blocks_are_recomputed_in_backward
     with GradientCheckpointing(model):
         model(x).sum().backward()
     assert sorted(calls) == sorted(2 * ["input_blocks.0.0", "input_blocks.0.1"] + ["input_blocks.1.0"])
+
+
+# ---- selective checkpointing: recompute only the blocks that hold the most memory per FLOP ----
+
+class WideBlock(nn.Module):
+    """Memory-heavy per FLOP: a trainable layer whose input autograd keeps, then cheap pointwise ops."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.proj = nn.Linear(width, width)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return x + self.act(self.act(self.proj(x)))
+
+
+class DeepBlock(nn.Module):
+    """Compute-heavy per byte: frozen layers save nothing for backward; only the last one trains."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.frozen = nn.Sequential(*[nn.Linear(width, width) for _ in range(6)])
+        self.head = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.head(self.frozen(x))
+
+
+class MixedNet(nn.Module):
+    def __init__(self, width=16):
+        super().__init__()
+        self.blocks = nn.ModuleList([WideBlock(width), DeepBlock(width), WideBlock(width), DeepBlock(width),
+                                     WideBlock(width)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _mixed_net():
+    torch.manual_seed(0)
+    net = MixedNet()
+    for name, parameter in net.named_parameters():
+        parameter.requires_grad_(".frozen." not in f".{name}")
+    return net
+
+
+def test_measure_block_counts_saved_activations_and_flops_but_not_weights_or_inputs():
+    from lora_core.checkpointing import measure_block
+
+    net = _mixed_net()
+    weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    x = torch.randn(3, 10, 16, requires_grad=True)
+    wide = measure_block(net.blocks[0].forward, (x,), {}, weights)
+    deep = measure_block(net.blocks[1].forward, (x,), {}, weights)
+    # WideBlock: proj's output and the first GELU's output are kept (x itself is the block input);
+    # DeepBlock: only the input of `head` (frozen layers keep nothing, their weights are excluded).
+    activation = 3 * 10 * 16 * 4
+    assert wide.saved_bytes == 2 * activation
+    assert deep.saved_bytes == activation
+    assert wide.flops == 2 * 3 * 10 * 16 * 16
+    assert deep.flops == 7 * 2 * 3 * 10 * 16 * 16
+    assert x.grad is None  # nothing ran backward
+
+
+def test_choose_blocks_keeps_the_least_bytes_per_flop_within_the_budget():
+    from lora_core.checkpointing import BlockCost, choose_blocks
+
+    costs = {"attn_hi": BlockCost(800, 10), "attn_lo": BlockCost(100, 10), "res": BlockCost(100, 100),
+             "frozen": BlockCost(0, 50)}
+    assert choose_blocks(costs, 0) == {"attn_hi", "attn_lo", "res"}  # every block that keeps anything
+    assert choose_blocks(costs, 100) == {"attn_hi", "attn_lo"}       # res: 1 byte per FLOP, attn_lo: 10
+    assert choose_blocks(costs, 250) == {"attn_hi"}
+    assert choose_blocks(costs, 850) == {"attn_hi"}                   # attn_hi does not fit; the rest does
+    assert choose_blocks(costs, 1000) == set()
+
+
+def _recompute_counts(net, checkpointing, steps):
+    calls = {i: 0 for i in range(len(net.blocks))}
+    for i, block in enumerate(net.blocks):
+        inner = block.proj if isinstance(block, WideBlock) else block.head
+        inner.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+    grads = []
+    with checkpointing:
+        for step in range(steps):
+            for count in calls:
+                calls[count] = 0
+            x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(step))
+            net.zero_grad(set_to_none=True)
+            net(x).square().mean().backward()
+            grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    return calls, grads
+
+
+ACTIVATION = 2 * 5 * 16 * 4  # bytes of one [2, 5, 16] float32 activation
+
+
+def test_selective_checkpointing_recomputes_only_what_the_budget_needs_with_the_same_gradients():
+    plain_calls, plain = _recompute_counts(_mixed_net(), contextlib.nullcontext(), steps=3)
+    net = _mixed_net()
+    budgets = []
+    selective = GradientCheckpointing(net, keep_budget=lambda: budgets.append(1) or 2 * ACTIVATION)
+    calls, grads = _recompute_counts(net, selective, steps=3)
+
+    # The first forward measured every block but the last (never recomputed); then, asked once, the
+    # budget of 2 activations keeps the two deep blocks (1 activation for 7 layers of FLOPs each);
+    # the wide ones (2 activations for 1 layer) are recomputed.
+    assert budgets == [1]
+    assert {name: cost.saved_bytes for name, cost in selective.costs.items()} == {
+        "blocks.0": 2 * ACTIVATION, "blocks.1": ACTIVATION, "blocks.2": 2 * ACTIVATION, "blocks.3": ACTIVATION}
+    assert selective.recomputed == {"blocks.0", "blocks.2"}
+    assert selective.kept_bytes() == 2 * ACTIVATION
+    assert calls == {0: 2, 1: 1, 2: 2, 3: 1, 4: 1}, "only the chosen blocks run again in backward"
+    assert plain_calls == {0: 1, 1: 1, 2: 1, 3: 1, 4: 1}
+    for step in range(3):
+        assert plain[step].keys() == grads[step].keys()
+        for name, gradient in plain[step].items():
+            assert torch.equal(gradient, grads[step][name]), (step, name)
+    for module in net.modules():
+        assert "forward" not in module.__dict__
+
+
+def test_selective_checkpointing_recomputes_every_block_until_it_has_measured_them():
+    net = _mixed_net()
+    calls, _ = _recompute_counts(net, GradientCheckpointing(net, keep_budget=lambda: 10**9), steps=1)
+    # first step: each block but the last runs once more to be measured, and is recomputed in backward
+    assert calls == {0: 3, 1: 3, 2: 3, 3: 3, 4: 1}
+    net = _mixed_net()
+    calls, _ = _recompute_counts(net, GradientCheckpointing(net, keep_budget=lambda: 10**9), steps=2)
+    assert calls == {0: 1, 1: 1, 2: 1, 3: 1, 4: 1}, "memory for everything: nothing is recomputed any more"
+    net = _mixed_net()
+    calls, _ = _recompute_counts(net, GradientCheckpointing(net, keep_budget=lambda: 0), steps=2)
+    assert calls == {0: 2, 1: 2, 2: 2, 3: 2, 4: 1}, "no memory to keep anything: every block, every step"
+
+
+def test_trained_weights_do_not_depend_on_the_checkpoint_policy():
+    from lora_core.toy import toy_dataset
+    from lora_core.trainer import TrainConfig, train
+
+    results = {}
+    for policy in (None, "all_blocks", "auto"):
+        denoiser = make_toy_denoiser("eps")
+        config = TrainConfig(steps=4, batch_size=2, learning_rate=1e-3, seed=3, training_dtype="fp32",
+                             gradient_checkpointing=policy is not None, checkpoint_policy=policy or "auto")
+        results[policy] = train(denoiser, toy_dataset(4), config).adapter_set.state_dict()
+    for policy in ("all_blocks", "auto"):
+        for name, tensor in results[None].items():
+            assert torch.equal(tensor, results[policy][name]), (policy, name)
+
+
+def test_auto_budget_is_the_weights_on_the_device_capped_by_half_the_free_memory(monkeypatch):
+    from lora_core import device_memory
+
+    net = _mixed_net()
+    weight_bytes = sum(p.numel() * 4 for p in net.parameters())
+    monkeypatch.setattr(device_memory, "free_memory", lambda device: 10 * weight_bytes)
+    assert device_memory.activation_budget(net, torch.device("cpu")) == weight_bytes
+    monkeypatch.setattr(device_memory, "free_memory", lambda device: weight_bytes)
+    assert device_memory.activation_budget(net, torch.device("cpu")) == weight_bytes // 2
+    monkeypatch.setattr(device_memory, "free_memory", lambda device: None)
+    assert device_memory.activation_budget(net, torch.device("cpu")) == weight_bytes
+    # weights elsewhere (offloaded, or another device) do not count
+    assert device_memory.activation_budget(net, torch.device("meta")) == 0
+
+
+def test_free_memory_on_a_cpu_is_the_available_ram():
+    from lora_core.device_memory import free_memory
+
+    free = free_memory(torch.device("cpu"))
+    assert free is None or free > 0
+
+
+def test_an_unknown_checkpoint_policy_is_refused_with_the_choices():
+    from lora_core.errors import UserInputError
+    from lora_core.trainer import TrainConfig
+
+    with pytest.raises(UserInputError, match="checkpoint_policy must be one of auto, all_blocks"):
+        TrainConfig(checkpoint_policy="some")
