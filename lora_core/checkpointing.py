@@ -159,7 +159,9 @@ def measure_block(forward: Callable, args: tuple, kwargs: dict, excluded_storage
         key, size = _storage(tensor)
         if key not in excluded_storages and key not in inputs:
             seen[key] = size
-        return tensor
+        # Detached: a tensor an op saves of its own output (softmax, exp, sigmoid...) would otherwise
+        # hold its grad_fn, which holds it: a cycle through C++ that Python's gc never frees.
+        return tensor.detach()
 
     devices = sorted({t.device.index or 0 for t in (*args, *kwargs.values())
                       if isinstance(t, torch.Tensor) and t.device.type == "cuda"})

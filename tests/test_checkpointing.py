@@ -331,3 +331,40 @@ def test_an_unknown_checkpoint_policy_is_refused_with_the_choices():
 
     with pytest.raises(UserInputError, match="checkpoint_policy must be one of auto, all_blocks"):
         TrainConfig(checkpoint_policy="some")
+
+
+class SoftmaxBlock(nn.Module):
+    """Softmax and sigmoid save their own outputs for backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.sigmoid(self.proj(x).softmax(dim=-1))
+
+
+def test_measuring_a_block_leaves_nothing_alive():
+    import gc
+    import weakref
+
+    from lora_core.checkpointing import measure_block
+
+    block = SoftmaxBlock()
+    x = torch.randn(4, 16, requires_grad=True) * 2  # a block input inside a graph, as in training
+    created = []
+    original = torch.Tensor.softmax
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        created.append(weakref.ref(out))
+        return out
+
+    torch.Tensor.softmax = spy
+    try:
+        cost = measure_block(block.forward, (x,), {}, set())
+    finally:
+        torch.Tensor.softmax = original
+    gc.collect()
+    assert cost.saved_bytes > 0
+    assert created and all(ref() is None for ref in created), "the measured forward's activations are freed"
