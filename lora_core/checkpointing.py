@@ -15,13 +15,14 @@ training is cancelled by an exception.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 _log = logging.getLogger(__name__)
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
@@ -125,10 +126,21 @@ class BlockCost:
     flops: int  # forward FLOPs: what a recompute costs
 
 
+def _attention_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
+    """Q·Kᵀ and the weighted sum over V, for any leading (batch, head) dims."""
+    pairs = math.prod(query.shape[:-1]) * key.shape[-2]
+    return 2 * pairs * (query.shape[-1] + value.shape[-1])
+
+
+_attention_flops._get_raw = True  # FlopCounterMode: called with the tensors themselves, not their shapes
+
+
 def _flop_counter() -> FlopCounterMode:
-    # PyTorch's counter knows the CUDA attention kernels; the CPU one has the same cost.
+    # PyTorch's counter knows the CUDA attention kernels; older versions miss the CPU one.
     cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    custom = {cpu_attention: sdpa_flop} if cpu_attention is not None else {}
+    custom = {}
+    if cpu_attention is not None and cpu_attention not in flop_registry:
+        custom[cpu_attention] = _attention_flops
     return FlopCounterMode(display=False, custom_mapping=custom)
 
 

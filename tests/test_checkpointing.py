@@ -368,3 +368,12 @@ def test_measuring_a_block_leaves_nothing_alive():
     gc.collect()
     assert cost.saved_bytes > 0
     assert created and all(ref() is None for ref in created), "the measured forward's activations are freed"
+
+
+def test_measured_flops_include_attention_on_the_cpu():
+    from lora_core.checkpointing import measure_block
+
+    q = torch.randn(1, 4, 64, 16, requires_grad=True)
+    k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 4, 8, 16)
+    cost = measure_block(lambda q: torch.nn.functional.scaled_dot_product_attention(q, k, v), (q,), {}, set())
+    assert cost.flops == 2 * (4 * 64 * 8) * (16 + 16)  # Q·Kᵀ and the weighted sum of V
