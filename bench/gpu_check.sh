@@ -14,7 +14,7 @@
 #   b1 (batch 1, each trainer's defaults), b4 (batch 4, one caption per image), fastest (built-in with bypass on
 #   and checkpointing off vs ours default) and fp8 (UNet stored as float8_e4m3fn, bypass_mode on,
 #   training_dtype none; compared with b1 = bf16); fresh processes alternating built-in / ours, two pairs for b1
-#   and one for the others, 1 + 2 warmup + 10 timed steps each.
+#   and one for the others, 1 + 2 warmup + 38 timed steps each (41, as in the CPU table).
 # Output: the same table as the CPU run, with peak VRAM (torch.cuda.max_memory_allocated) and PASS/FAIL per target.
 # Run from anywhere: bash bench/gpu_check.sh
 set -euo pipefail
@@ -66,11 +66,11 @@ echo "pack commit: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo u
 OUT="$(mktemp -d /tmp/lora_gpu_check.XXXXXX)"
 echo "== comparison (results in $OUT)"
 # Budget on an H200: ~20-25 s per process (imports + seeded 860M-parameter build on the CPU; the built-in's
-# clone(force_deepcopy=True) builds a second copy), 10 train + 4 eval processes: about 5 minutes.
+# clone(force_deepcopy=True) builds a second copy), 10 train + 4 eval processes of 41 steps: about 6-8 minutes.
 # shellcheck disable=SC2086
 status=0
 run timeout --signal=TERM --kill-after=20 "$BENCH_TIMEOUT" "$PYTHON" "$HERE/vs_builtin.py" \
-    --device cuda --unet full --resolution 512 --images 8 --steps 10 --warmup 2 \
+    --device cuda --unet full --resolution 512 --images 8 --steps 38 --warmup 2 \
     --cases b1:2,fastest:1,b4:1,fp8:1 --out-dir "$OUT" $BENCH_ARGS || status=$?
 if [[ $status -ne 0 ]]; then
     if [[ -f "$OUT/table.txt" ]]; then

@@ -677,11 +677,13 @@ def main():
     parser.add_argument("--unet", choices=sorted(UNET_CONFIGS), default="full")
     parser.add_argument("--resolution", type=int, default=256, help="pixels; latents are resolution/8")
     parser.add_argument("--images", type=int, default=8, help="training images (one caption each)")
-    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=39,
+                        help="timed optimizer steps per run (total = 1 + warmup + steps; the eps error is compared "
+                             "after the total: at 8 steps both LoRAs mostly shrink the random model's output, see README)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (first is never timed)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per trainer and case, alternated A B A B")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per trainer and case, alternated A B A B")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cases", default="b1,b4,fastest", help="comma list of b1,b4,fastest,b1_alltargets,b1_ours_alpha1,b1_ours_attn_mlp,fastest_nogc,fp8; "
+    parser.add_argument("--cases", default="b1,fastest", help="comma list of b1,b4,fastest,b1_alltargets,b1_ours_alpha1,b1_ours_attn_mlp,fastest_nogc,fp8; "
                         "case:N runs that case N times instead of --repeats")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--ours-impl", default="ours", choices=["ours", "builtin"],
