@@ -19,7 +19,8 @@ from ..lora_core.objectives import ObjectiveConfig
 from ..lora_core.plotting import loss_chart_png
 from ..lora_core.schedule import check_scheduler
 from ..lora_core.targets import PRESETS, TargetSpec
-from ..lora_core.trainer import NonFiniteLoss, TrainCallbacks, TrainConfig, TrainingData, TrainResult, train
+from ..lora_core.trainer import (CHECKPOINT_POLICIES, NonFiniteLoss, TrainCallbacks, TrainConfig, TrainingData,
+                                 TrainResult, train)
 from . import comfy_glue as glue
 from .lists import loss_summary, single, training_samples
 from .lora_nodes import LORA_MODEL, LOSS_MAP, relative_lora_name, write_lora
@@ -273,7 +274,7 @@ class TrainLoRA(io.ComfyNode):
                                      "across steps; 0 = off)."),
                 io.Int.Input("validation_samples", default=4, min=1, max=1000, optional=True, advanced=True,
                              tooltip="How many samples the validation loss uses."),
-                io.Combo.Input("checkpoint_policy", options=["auto", "all_blocks"], default="auto", optional=True,
+                io.Combo.Input("checkpoint_policy", options=list(CHECKPOINT_POLICIES), default="auto", optional=True,
                                advanced=True,
                                tooltip="With gradient_checkpointing on. auto: the first step measures each block; "
                                        "blocks then keep their activations, cheapest memory per compute first, up "
