@@ -164,7 +164,8 @@ def measure_block(forward: Callable, args: tuple, kwargs: dict, excluded_storage
     The peak is one block's activations, which a checkpointed backward holds anyway while it
     recomputes that block. RNG state is restored, so dropout draws are as if this never ran.
     """
-    inputs = tensor_storages((*args, *kwargs.values()))
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    inputs = tensor_storages(tensors)
     seen: dict[int, int] = {}
 
     def pack(tensor):
@@ -175,8 +176,7 @@ def measure_block(forward: Callable, args: tuple, kwargs: dict, excluded_storage
         # hold its grad_fn, which holds it: a cycle through C++ that Python's gc never frees.
         return tensor.detach()
 
-    devices = sorted({t.device.index or 0 for t in (*args, *kwargs.values())
-                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+    devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices), _flop_counter() as flops:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             output = forward(*args, **kwargs)
