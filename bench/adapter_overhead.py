@@ -27,8 +27,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_core.adapters import ALGORITHMS, AdapterSpec  # noqa: E402
-from lora_core.attach import AdapterSet, attach_bypass, attach_merged  # noqa: E402
-from lora_core.targets import TargetSpec  # noqa: E402
+from lora_core.adapters.attach import AdapterSet, attach_bypass, attach_merged  # noqa: E402
+from lora_core.adapters.targets import TargetSpec  # noqa: E402
 
 
 def make_model(width: int, depth: int) -> nn.Module:

@@ -6,11 +6,11 @@
 Modes (LoRA rank 8 on the `--targets` preset, bypass hooks, AdamW, fp32 on CPU / bf16 autocast on GPU):
 - off: no gradient checkpointing;
 - whole: one checkpoint around the whole UNet (what ComfyUI's built-in trainer does at depth 1);
-- block: `lora_core.checkpointing.GradientCheckpointing` at depth 1 (each input/middle/output block);
+- block: `lora_core.memory.checkpointing.GradientCheckpointing` at depth 1 (each input/middle/output block);
 - auto: Train LoRA's default checkpoint_policy: blocks keep their activations (least bytes per FLOP
   first) up to the size of the model's weights, capped by half the free memory; the rest is recomputed
   (chosen on the warm-up step). `--auto-budget-mib` replaces that budget, to see the trade-off;
-- block+offload: block checkpointing plus `lora_core.offload.BlockOffloader`.
+- block+offload: block checkpointing plus `lora_core.memory.offload.BlockOffloader`.
 
 Each (mode, batch) runs in a fresh process that builds the UNet with ComfyUI's own classes (seeded random
 weights) and the adapters, then runs a warm-up step, a measured step and `--steps` timed steps.
@@ -122,11 +122,11 @@ def worker(options) -> dict:
 
     import_comfy(options.device)
     from lora_core.adapters import AdapterSpec
-    from lora_core.attach import AdapterSet, attach_bypass
-    from lora_core.checkpointing import GradientCheckpointing
-    from lora_core.device_memory import activation_budget
-    from lora_core.offload import BlockOffloader
-    from lora_core.targets import TargetSpec
+    from lora_core.adapters.attach import AdapterSet, attach_bypass
+    from lora_core.memory.checkpointing import GradientCheckpointing
+    from lora_core.memory.device_memory import activation_budget
+    from lora_core.memory.offload import BlockOffloader
+    from lora_core.adapters.targets import TargetSpec
 
     torch.set_num_threads(options.threads)
     device = torch.device(options.device)

@@ -18,12 +18,12 @@ import torch
 
 from .adapters import ALGORITHMS, AdapterSpec
 from .errors import UserInputError
-from .objectives import ObjectiveConfig
+from .training.objectives import ObjectiveConfig
 from .plotting import save_loss_chart
-from .resume import resume_from_file, save_checkpoint
-from .targets import TargetSpec
+from .lorafile.resume import resume_from_file, save_checkpoint
+from .adapters.targets import TargetSpec
 from .toy import PARAMETRISATIONS, make_toy_denoiser, toy_dataset
-from .trainer import TrainCallbacks, TrainConfig, train
+from .training.loop import TrainCallbacks, TrainConfig, train
 
 
 @dataclass

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .denoiser import per_sample
+from .training.denoiser import per_sample
 from .errors import UserInputError
-from .trainer import TrainingData
+from .training.loop import TrainingData
 
 PARAMETRISATIONS = ("eps", "v", "flow")
 

@@ -42,7 +42,7 @@ import folder_paths
 
 from ..lora_core.data.paths import is_inside, resolve_inside
 from ..lora_core.errors import UserInputError
-from ..lora_core.quantized import LowVramCheck, check_low_vram_settings
+from ..lora_core.memory.quantized import LowVramCheck, check_low_vram_settings
 from .lists import Throttle, conditioning_entry
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ _PERCENT_EPS = 1e-5
 
 
 class ComfyDenoiser:
-    """`lora_core.denoiser.Denoiser` over a loaded ModelPatcher (any ComfyUI model family)."""
+    """`lora_core.training.denoiser.Denoiser` over a loaded ModelPatcher (any ComfyUI model family)."""
 
     key_prefix = "diffusion_model."
 

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..lora_core import files, resume
-from ..lora_core.adapter_set import AdapterSet, split_key
-from ..lora_core.attach import attach_bypass
+from ..lora_core.lorafile import files, resume
+from ..lora_core.adapters.adapter_set import AdapterSet, split_key
+from ..lora_core.adapters.attach import attach_bypass
 from ..lora_core.errors import UserInputError
-from ..lora_core.keys import INTERNAL_PREFIX, to_internal
-from ..lora_core.lora_model import LoraModel, as_lora_model
+from ..lora_core.lorafile.keys import INTERNAL_PREFIX, to_internal
+from ..lora_core.lorafile.lora_model import LoraModel, as_lora_model
 from ..lora_core.atomic import write_bytes_atomically
 from ..lora_core.plotting import loss_chart_png
 from . import comfy_glue as glue

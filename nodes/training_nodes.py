@@ -11,15 +11,15 @@ import torch
 from PIL import Image
 from comfy_api.latest import io
 
-from ..lora_core import resume
+from ..lora_core.lorafile import resume
 from ..lora_core.adapters import AdapterSpec
 from ..lora_core.errors import UserInputError
-from ..lora_core.lora_model import LoraModel
-from ..lora_core.objectives import ObjectiveConfig
+from ..lora_core.lorafile.lora_model import LoraModel
+from ..lora_core.training.objectives import ObjectiveConfig
 from ..lora_core.plotting import loss_chart_png
-from ..lora_core.schedule import check_scheduler
-from ..lora_core.targets import PRESETS, TargetSpec
-from ..lora_core.trainer import (CHECKPOINT_POLICIES, NonFiniteLoss, TrainCallbacks, TrainConfig, TrainingData,
+from ..lora_core.training.schedule import check_scheduler
+from ..lora_core.adapters.targets import PRESETS, TargetSpec
+from ..lora_core.training.loop import (CHECKPOINT_POLICIES, NonFiniteLoss, TrainCallbacks, TrainConfig, TrainingData,
                                  TrainResult, train)
 from . import comfy_glue as glue
 from .lists import loss_summary, single, training_samples

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from lora_core.adapters import ALGORITHMS, AdapterSpec
-from lora_core.attach import AdapterSet, attach_bypass, attach_merged
+from lora_core.adapters.attach import AdapterSet, attach_bypass, attach_merged
 from lora_core.errors import UserInputError
-from lora_core.targets import TargetSpec, find_norms, find_targets
+from lora_core.adapters.targets import TargetSpec, find_norms, find_targets
 
 
 class Module(nn.Module):

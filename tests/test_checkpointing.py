@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from lora_core.adapter_set import AdapterSet
+from lora_core.adapters.adapter_set import AdapterSet
 from lora_core.adapters import AdapterSpec
-from lora_core.attach import attach_bypass, attach_merged
-from lora_core.checkpointing import GradientCheckpointing, find_checkpoint_blocks
-from lora_core.targets import TargetSpec
+from lora_core.adapters.attach import attach_bypass, attach_merged
+from lora_core.memory.checkpointing import GradientCheckpointing, find_checkpoint_blocks
+from lora_core.adapters.targets import TargetSpec
 from lora_core.toy import make_caption_embeddings, make_toy_denoiser
 
 
@@ -201,7 +201,7 @@ def _mixed_net():
 
 
 def test_measure_block_counts_saved_activations_and_flops_but_not_weights_or_inputs():
-    from lora_core.checkpointing import measure_block
+    from lora_core.memory.checkpointing import measure_block
 
     net = _mixed_net()
     weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
@@ -219,7 +219,7 @@ def test_measure_block_counts_saved_activations_and_flops_but_not_weights_or_inp
 
 
 def test_choose_blocks_keeps_the_least_bytes_per_flop_within_the_budget():
-    from lora_core.checkpointing import BlockCost, choose_blocks
+    from lora_core.memory.checkpointing import BlockCost, choose_blocks
 
     costs = {"attn_hi": BlockCost(800, 10), "attn_lo": BlockCost(100, 10), "res": BlockCost(100, 100),
              "frozen": BlockCost(0, 50)}
@@ -290,7 +290,7 @@ def test_selective_checkpointing_recomputes_every_block_until_it_has_measured_th
 
 def test_trained_weights_do_not_depend_on_the_checkpoint_policy():
     from lora_core.toy import toy_dataset
-    from lora_core.trainer import TrainConfig, train
+    from lora_core.training.loop import TrainConfig, train
 
     results = {}
     for policy in (None, "all_blocks", "auto"):
@@ -304,7 +304,7 @@ def test_trained_weights_do_not_depend_on_the_checkpoint_policy():
 
 
 def test_auto_budget_is_the_weights_on_the_device_capped_by_half_the_free_memory(monkeypatch):
-    from lora_core import device_memory
+    from lora_core.memory import device_memory
 
     net = _mixed_net()
     weight_bytes = sum(p.numel() * 4 for p in net.parameters())
@@ -319,7 +319,7 @@ def test_auto_budget_is_the_weights_on_the_device_capped_by_half_the_free_memory
 
 
 def test_free_memory_on_a_cpu_is_the_available_ram():
-    from lora_core.device_memory import free_memory
+    from lora_core.memory.device_memory import free_memory
 
     free = free_memory(torch.device("cpu"))
     assert free is None or free > 0
@@ -327,7 +327,7 @@ def test_free_memory_on_a_cpu_is_the_available_ram():
 
 def test_an_unknown_checkpoint_policy_is_refused_with_the_choices():
     from lora_core.errors import UserInputError
-    from lora_core.trainer import TrainConfig
+    from lora_core.training.loop import TrainConfig
 
     with pytest.raises(UserInputError, match="checkpoint_policy must be one of auto, all_blocks"):
         TrainConfig(checkpoint_policy="some")
@@ -348,7 +348,7 @@ def test_measuring_a_block_leaves_nothing_alive():
     import gc
     import weakref
 
-    from lora_core.checkpointing import measure_block
+    from lora_core.memory.checkpointing import measure_block
 
     block = SoftmaxBlock()
     x = torch.randn(4, 16, requires_grad=True) * 2  # a block input inside a graph, as in training
@@ -371,7 +371,7 @@ def test_measuring_a_block_leaves_nothing_alive():
 
 
 def test_measured_flops_include_attention_on_the_cpu():
-    from lora_core.checkpointing import measure_block
+    from lora_core.memory.checkpointing import measure_block
 
     q = torch.randn(1, 4, 64, 16, requires_grad=True)
     k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 4, 8, 16)

@@ -3,8 +3,8 @@ import subprocess
 import sys
 
 from lora_core.demo import parse_args, run
-from lora_core.files import load_lora
-from lora_core.resume import sidecar_path
+from lora_core.lorafile.files import load_lora
+from lora_core.lorafile.resume import sidecar_path
 
 
 def test_demo_trains_writes_a_lora_and_a_chart_and_continues(tmp_path, capsys):

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-import lora_core.files as files
+import lora_core.lorafile.files as files
 from lora_core.adapters import AdapterSpec
-from lora_core.attach import AdapterSet
+from lora_core.adapters.attach import AdapterSet
 from lora_core.errors import UserInputError
-from lora_core.files import load_lora, lora_metadata, save_kohya_lora, save_lora, to_internal, to_kohya
-from lora_core.targets import TargetSpec
+from lora_core.lorafile.files import load_lora, lora_metadata, save_kohya_lora, save_lora, to_internal, to_kohya
+from lora_core.adapters.targets import TargetSpec
 
 
 class Module(nn.Module):

@@ -14,12 +14,12 @@ from lora_core.toy import toy_dataset
 from torch import nn
 
 from lora_core.adapters import AdapterSpec
-from lora_core.attach import AdapterSet, attach_bypass
-from lora_core.checkpointing import GradientCheckpointing
+from lora_core.adapters.attach import AdapterSet, attach_bypass
+from lora_core.memory.checkpointing import GradientCheckpointing
 from lora_core.errors import UserInputError
-from lora_core.files import load_lora, save_lora
-from lora_core.offload import BlockOffloader
-from lora_core.quantized import (
+from lora_core.lorafile.files import load_lora, save_lora
+from lora_core.memory.offload import BlockOffloader
+from lora_core.memory.quantized import (
     FP8_BACKWARD_FALLBACK,
     check_low_vram_settings,
     describe_storage,
@@ -27,9 +27,9 @@ from lora_core.quantized import (
     quantized_parameters,
     require_bypass_for_quantized,
 )
-from lora_core.targets import TargetSpec
+from lora_core.adapters.targets import TargetSpec
 from lora_core.toy import make_toy_denoiser
-from lora_core.trainer import TrainConfig, train
+from lora_core.training.loop import TrainConfig, train
 
 
 class Float8Linear(nn.Linear):
@@ -198,11 +198,11 @@ import torch
 import comfy.ops
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from lora_core.adapters import AdapterSpec
-from lora_core.attach import AdapterSet, attach_bypass
-from lora_core.checkpointing import GradientCheckpointing
-from lora_core.offload import BlockOffloader
-from lora_core.quantized import quantized_parameters
-from lora_core.targets import TargetSpec
+from lora_core.adapters.attach import AdapterSet, attach_bypass
+from lora_core.memory.checkpointing import GradientCheckpointing
+from lora_core.memory.offload import BlockOffloader
+from lora_core.memory.quantized import quantized_parameters
+from lora_core.adapters.targets import TargetSpec
 
 torch.set_num_threads(1)
 results = {}

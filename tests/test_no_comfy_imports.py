@@ -23,6 +23,6 @@ def test_importing_lora_core_loads_no_comfyui_module():
     result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert "lora_core.attach" in report["imported"] and "lora_core.adapters.lora" in report["imported"]
+    assert "lora_core.adapters.attach" in report["imported"] and "lora_core.adapters.lora" in report["imported"]
     loaded = [m for m in report["modules"] if m.split(".")[0] in FORBIDDEN or m.startswith("comfy")]
     assert loaded == []

@@ -39,8 +39,8 @@ from lora_trainer_pack.nodes import comfy_glue as glue
 from lora_trainer_pack.nodes.lora_nodes import LoadLoRAModel, write_lora
 from lora_trainer_pack.lora_core.adapters import AdapterSpec
 from lora_trainer_pack.lora_core.errors import UserInputError
-from lora_trainer_pack.lora_core.lora_model import LoraModel
-from lora_trainer_pack.lora_core.trainer import TrainConfig, TrainingData, train
+from lora_trainer_pack.lora_core.lorafile.lora_model import LoraModel
+from lora_trainer_pack.lora_core.training.loop import TrainConfig, TrainingData, train
 
 torch.manual_seed(0)
 unet = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],

@@ -20,7 +20,7 @@ def _pack():
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
-    return importlib.import_module(f"{name}.nodes.lists"), importlib.import_module(f"{name}.lora_core.lora_model")
+    return importlib.import_module(f"{name}.nodes.lists"), importlib.import_module(f"{name}.lora_core.lorafile.lora_model")
 
 
 lists, lora_model = _pack()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_core.errors import UserInputError
-from lora_core.objectives import Objective, ObjectiveConfig, sample_timesteps
+from lora_core.training.objectives import Objective, ObjectiveConfig, sample_timesteps
 from lora_core.toy import make_caption_embeddings, make_toy_denoiser
 
 
@@ -106,7 +106,7 @@ def test_timestep_samplings():
 @pytest.mark.parametrize("loss_function", ["mse", "l1", "huber", "smooth_l1"])
 def test_loss_functions_on_known_errors(loss_function):
     config = ObjectiveConfig(loss_function=loss_function, huber_delta=1.0)
-    from lora_core.objectives import elementwise_loss
+    from lora_core.training.objectives import elementwise_loss
 
     error = torch.tensor([0.5, 3.0])
     got = elementwise_loss(config, error, torch.zeros(2))

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from lora_core.adapters import AdapterSpec
-from lora_core.attach import AdapterSet, attach_bypass
-from lora_core.checkpointing import GradientCheckpointing
+from lora_core.adapters.attach import AdapterSet, attach_bypass
+from lora_core.memory.checkpointing import GradientCheckpointing
 from lora_core.errors import UserInputError
-from lora_core.offload import BlockOffloader, check_offloading
-from lora_core.targets import TargetSpec
+from lora_core.memory.offload import BlockOffloader, check_offloading
+from lora_core.adapters.targets import TargetSpec
 from lora_core.toy import ToyNetConfig, make_toy_denoiser
 
 
@@ -202,7 +202,7 @@ def test_weights_already_on_the_compute_device_can_be_left_to_the_host():
 def test_trainable_merge_mode_streams_the_parametrized_weight_too():
     # attach_merged(trainable=True) moves the weight under a parametrization; the layer's own
     # pre-hook still loads it, and gradients are unchanged.
-    from lora_core.attach import attach_merged
+    from lora_core.adapters.attach import attach_merged
 
     net, adapters, inputs = toy_setup()
     grads = []
@@ -234,7 +234,7 @@ def test_a_weight_tied_across_blocks_stays_resident():
 def test_the_engine_trains_the_same_adapter_with_offloading():
     from lora_core.toy import toy_dataset
 
-    from lora_core.trainer import TrainConfig, train
+    from lora_core.training.loop import TrainConfig, train
 
     results = []
     for offloading in (False, True):

@@ -7,17 +7,17 @@ from safetensors.torch import save_file
 
 from lora_core.adapters import AdapterSpec
 from lora_core.errors import UserInputError
-from lora_core.files import load_lora, save_lora, to_kohya
-from lora_core.resume import (
+from lora_core.lorafile.files import load_lora, save_lora, to_kohya
+from lora_core.lorafile.resume import (
     load_optimizer_state,
     resume_from_file,
     save_checkpoint,
     sidecar_path,
     steps_done,
 )
-from lora_core.targets import TargetSpec
+from lora_core.adapters.targets import TargetSpec
 from lora_core.toy import make_toy_denoiser
-from lora_core.trainer import TrainCallbacks, TrainConfig, train
+from lora_core.training.loop import TrainCallbacks, TrainConfig, train
 
 
 def config(**overrides) -> TrainConfig:

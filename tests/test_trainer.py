@@ -5,12 +5,12 @@ import torch
 from lora_core.toy import toy_dataset
 
 from lora_core.adapters import AdapterSpec
-from lora_core.attach import attach_merged
+from lora_core.adapters.attach import attach_merged
 from lora_core.errors import TrainingStopped, UserInputError
-from lora_core.objectives import Objective, ObjectiveConfig
-from lora_core.targets import TargetSpec
+from lora_core.training.objectives import Objective, ObjectiveConfig
+from lora_core.adapters.targets import TargetSpec
 from lora_core.toy import make_toy_denoiser
-from lora_core.trainer import NonFiniteLoss, TrainCallbacks, TrainConfig, TrainingData, train
+from lora_core.training.loop import NonFiniteLoss, TrainCallbacks, TrainConfig, TrainingData, train
 from lora_core.training.plan import BatchPlan
 
 
@@ -300,7 +300,7 @@ def test_bad_data_is_explained():
 
 
 def test_lr_schedules():
-    from lora_core.schedule import lr_multiplier
+    from lora_core.training.schedule import lr_multiplier
 
     assert [lr_multiplier("constant", s, 10, 2) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1, 1])
     linear = [lr_multiplier("linear", s, 10) for s in range(10)]

@@ -1,8 +1,8 @@
-"""The four adapter algorithms behind one interface (see docs/ARCHITECTURE.md, Adapter contract).
+"""The adapters and how they sit on a model: the four algorithms, which layers they target, how they attach.
 
-Each algorithm module defines its math once; `create_adapter` builds a fresh, exactly-identity
-adapter for a layer and `adapter_from_tensors` rebuilds one from the tensors of a file, keyed by
-the LyCORIS / kohya suffixes ComfyUI's loader reads.
+Entry points: `create_adapter` / `adapter_from_tensors` (here), `targets.TargetSpec`, `adapter_set.AdapterSet`,
+`attach.attach_bypass` / `attach.attach_merged`. Each algorithm module (lora, loha, lokr, oft) defines its
+math once; the suffixes below are the LyCORIS / kohya names ComfyUI's loader reads.
 """
 
 from __future__ import annotations

@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from .adapter_set import AdapterSet
-from .denoiser import Denoiser
-from .errors import UserInputError
-from .atomic import write_bytes_atomically
+from ..adapters.adapter_set import AdapterSet
+from ..training.denoiser import Denoiser
+from ..errors import UserInputError
+from ..atomic import write_bytes_atomically
 from .files import load_lora, lora_metadata, read_header, save_lora
 from .keys import to_internal
-from .optim import normalise_optimizer_name
-from .trainer import ResumePoint, TrainConfig
+from ..training.optim import normalise_optimizer_name
+from ..training.loop import ResumePoint, TrainConfig
 
 # Safetensors content under an extension ComfyUI does not list, so the sidecar never shows up
 # as a LoRA in any loader.

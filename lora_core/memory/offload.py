@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .checkpointing import find_checkpoint_blocks
-from .errors import UserInputError
+from ..errors import UserInputError
 
 __all__ = ["BlockOffloader", "check_offloading"]
 

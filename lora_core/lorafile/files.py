@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .atomic import write_bytes_atomically
-from .errors import UserInputError
+from ..atomic import write_bytes_atomically
+from ..errors import UserInputError
 from .keys import INTERNAL_PREFIX, to_internal, to_kohya
 
 __all__ = ["FORMAT_VERSION", "load_lora", "lora_metadata", "save_kohya_lora", "save_lora", "to_internal", "to_kohya"]

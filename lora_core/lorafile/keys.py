@@ -20,8 +20,8 @@ import json
 
 import torch
 
-from .adapter_set import split_key
-from .errors import UserInputError
+from ..adapters.adapter_set import split_key
+from ..errors import UserInputError
 
 INTERNAL_PREFIX = "diffusion_model."
 KOHYA_PREFIX = "lora_unet_"

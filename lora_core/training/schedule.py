@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import UserInputError
+from ..errors import UserInputError
 from .offload import check_offloading
 
 __all__ = [

@@ -23,22 +23,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .adapter_set import AdapterSet
-from .adapters import AdapterSpec
-from .attach import attach_bypass, attach_merged
-from .checkpointing import GradientCheckpointing
-from .device_memory import activation_budget
+from ..adapters.adapter_set import AdapterSet
+from ..adapters import AdapterSpec
+from ..adapters.attach import attach_bypass, attach_merged
+from ..memory.checkpointing import GradientCheckpointing
+from ..memory.device_memory import activation_budget
 from .denoiser import Denoiser
-from .errors import TrainingStopped, UserInputError
+from ..errors import TrainingStopped, UserInputError
 from .objectives import Objective, ObjectiveConfig
-from .offload import BlockOffloader, check_offloading
+from ..memory.offload import BlockOffloader, check_offloading
 from .optim import align_optimizer_state, make_optimizer, normalise_optimizer_name, parameter_groups
-from .quantized import require_bypass_for_quantized
+from ..memory.quantized import require_bypass_for_quantized
 from .schedule import check_scheduler, lr_multiplier
-from .targets import TargetSpec
-from .training.plan import BatchPlan, MicroBatch
-from .training.precision import Precision, check_training_dtype
-from .training.seeds import generator_for
+from ..adapters.targets import TargetSpec
+from .plan import BatchPlan, MicroBatch
+from .precision import Precision, check_training_dtype
+from .seeds import generator_for
 
 # Noise levels of the validation loss, spread over the range where the loss says most.
 VALIDATION_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)

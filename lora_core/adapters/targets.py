@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .adapters.geometry import adaptable
-from .errors import UserInputError
+from .geometry import adaptable
+from ..errors import UserInputError
 
 # A name component that is an attention module ("attn1", "img_attn", "self_attn", "attention"),
 # or a projection name only attention uses; Flux's single blocks fuse qkv (+mlp) into linear1

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 BUILTIN_OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor")
 OPTIONAL_OPTIMIZERS = {"prodigy": "prodigyopt", "lion": "lion-pytorch", "adamw8bit": "bitsandbytes"}

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 
 class LoraModel(dict):

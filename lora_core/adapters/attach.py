@@ -25,9 +25,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .adapter_set import AdapterSet, find_module
-from .adapters import Adapter, LayerGeometry, adaptable
-from .adapters.base import compute_dtype
-from .errors import UserInputError
+from . import Adapter, LayerGeometry, adaptable
+from .base import compute_dtype
+from ..errors import UserInputError
 from .targets import is_norm
 
 __all__ = ["AdapterSet", "Attachment", "attach_bypass", "attach_merged"]

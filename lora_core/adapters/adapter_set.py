@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import (
+from . import (
     SUFFIXES,
     UNSUPPORTED_SUFFIXES,
     Adapter,
@@ -20,7 +20,7 @@ from .adapters import (
     adapter_from_tensors,
     create_adapter,
 )
-from .errors import UserInputError
+from ..errors import UserInputError
 from .targets import TargetSpec, find_norms, find_targets
 
 WEIGHT_DIFF = "diff"
@@ -152,7 +152,7 @@ class AdapterSet(nn.Module):
             if not key.startswith(prefix):
                 raise UserInputError(
                     f"LoRA key '{key}' does not start with '{prefix}'. Convert foreign files with "
-                    "lora_core.files.to_internal before loading them."
+                    "lora_core.lorafile.files.to_internal before loading them."
                 )
             parts = split_key(key[len(prefix):])
             if parts is None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .denoiser import Denoiser, noising_coefficients, per_sample
-from .errors import UserInputError
+from ..errors import UserInputError
 
 TARGETS = ("native", "x0")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "shifted")
