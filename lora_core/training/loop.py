@@ -38,6 +38,7 @@ from .schedule import check_scheduler, lr_multiplier
 from ..adapters.targets import TargetSpec
 from .plan import BatchPlan, MicroBatch
 from .precision import Precision, check_training_dtype
+from .sampling import SampleSchedule
 from .seeds import generator_for
 
 # Noise levels of the validation loss, spread over the range where the loss says most.
@@ -150,6 +151,11 @@ class TrainCallbacks:
     # (global step, adapters, optimizer state on CPU) every `save_every_steps` before the last step. The
     # adapters are the live ones: save them (`to_state_dict` copies) inside the callback.
     on_checkpoint: Callable[[int, AdapterSet, dict], None] | None = None
+    # (global step) where `sample_schedule` says, between steps, under no_grad, with the adapters
+    # attached: the model computes with the current weights (render sample images here). Whatever
+    # it does must leave the model and the random state as it found them.
+    on_sample: Callable[[int], None] | None = None
+    sample_schedule: SampleSchedule | None = None
 
 
 @dataclass
@@ -234,6 +240,25 @@ def validation_loss(
     return torch.stack(losses).mean().item()
 
 
+def _forward_backward(denoiser: Denoiser, data: TrainingData, objective: Objective, precision: Precision,
+                      micro_batches: list[MicroBatch], seed: int, device: torch.device) -> float:
+    """The step's loss, its gradient accumulated into the adapters. Each micro-batch's loss is its
+    share of the step's mean, so accumulation sums to the same gradient as one batch. Activations
+    live only in this frame."""
+    sample_count = sum(len(b.indices) for b in micro_batches)
+    summed_loss = torch.zeros((), device=device)
+    for batch in micro_batches:
+        x0 = _latent_batch(denoiser, data, batch.indices, device)
+        t, noise = _draws(objective, batch, x0, seed)
+        conds = [data.cond(i) for i in batch.indices]
+        with precision.autocast():
+            per_sample = objective.loss_at(denoiser, x0, conds, t.to(device), noise.to(device))
+        loss = per_sample.sum() / sample_count
+        precision.backward(loss)
+        summed_loss += loss.detach()
+    return summed_loss.item()
+
+
 @contextlib.contextmanager
 def _frozen(module: torch.nn.Module):
     """Base weights never collect gradients while training; their flags come back afterwards."""
@@ -316,6 +341,17 @@ def train(
             val_history.append((step, validation_loss(denoiser, objective, validation_data, config.validation_samples,
                                                       config.seed, precision, device)))
 
+        def sample_if_due(at: int) -> None:
+            # Between steps nothing of a step's autograd graph or gradients is alive (they are
+            # released with _forward_backward's frame and zero_grad), so sampling adds its memory
+            # to the weights and optimizer state only: the run's peak is max(training, sampling).
+            schedule = callbacks.sample_schedule
+            if callbacks.on_sample is not None and schedule is not None and schedule.due(at, steps_done, total_steps):
+                with torch.no_grad():
+                    callbacks.on_sample(at)
+
+        sample_if_due(step)
+
         while step < total_steps:
             if callbacks.should_stop is not None and callbacks.should_stop():
                 stopped_early = True
@@ -326,21 +362,9 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * multiplier
 
-            # Forward and backward over the micro-batches of this step. Each micro-batch's loss is
-            # its share of the step's mean, so accumulation sums to the same gradient as one batch.
+            # Forward and backward over the micro-batches of this step.
             micro_batches = [next(batches) for _ in range(config.grad_accumulation_steps)]
-            sample_count = sum(len(b.indices) for b in micro_batches)
-            summed_loss = torch.zeros((), device=device)
-            for batch in micro_batches:
-                x0 = _latent_batch(denoiser, data, batch.indices, device)
-                t, noise = _draws(objective, batch, x0, config.seed)
-                conds = [data.cond(i) for i in batch.indices]
-                with precision.autocast():
-                    per_sample = objective.loss_at(denoiser, x0, conds, t.to(device), noise.to(device))
-                loss = per_sample.sum() / sample_count
-                precision.backward(loss)
-                summed_loss += loss.detach()
-            step_loss = summed_loss.item()
+            step_loss = _forward_backward(denoiser, data, objective, precision, micro_batches, config.seed, device)
             if offloader is not None:
                 offloader.release_all()  # the block recomputed last is not needed until the next forward
 
@@ -381,5 +405,6 @@ def train(
             if callbacks.on_checkpoint is not None and config.save_every_steps and step % config.save_every_steps == 0 \
                     and step < total_steps:
                 callbacks.on_checkpoint(step, adapter_set, cpu_copy(optimizer.state_dict()))
+            sample_if_due(step)
 
     return result(step)
