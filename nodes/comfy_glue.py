@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -331,6 +332,17 @@ def dataset_roots() -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths("datasets")]
 
 
+def output_folder(path_text: str) -> tuple[Path, str]:
+    """(a folder under output/ named by `path_text`, created; its path relative to output/)."""
+    output_dir = Path(folder_paths.get_output_directory())
+    text = path_text.strip().replace("\\", "/").strip("/")
+    if not text:
+        raise UserInputError(f"The folder name {path_text!r} is empty: use e.g. 'lora_samples'.")
+    folder = resolve_inside(output_dir, text, "output folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, folder.relative_to(output_dir).as_posix()
+
+
 def output_image_path(prefix: str) -> tuple[Path, str]:
     """(a new, never-used PNG path under output/ for `prefix`, its subfolder relative to output/)."""
     output_dir = Path(folder_paths.get_output_directory())
@@ -367,18 +379,23 @@ def raise_if_interrupted() -> None:
 
 
 class TrainingProgress:
-    """Progress bar with the loss in the node text and a live loss chart, throttled."""
+    """Progress bar with the loss in the node text and a live loss chart, throttled; the same
+    progress as a tqdm line in the console (step, loss, rate), as KSampler prints its steps."""
 
     def __init__(self, total_steps: int, chart: Callable[[list[float]], Image.Image] | None = None,
-                 every_steps: int = 10, every_seconds: float = 10.0):
+                 every_steps: int = 10, every_seconds: float = 10.0, title: str = "Train LoRA"):
         # A chart render costs ~0.1 s: every 10 s keeps it near 1% of a run whatever the step time.
         self.total = max(1, int(total_steps))
         self.pbar = comfy.utils.ProgressBar(self.total)
         self.chart = chart
         self.throttle = Throttle(every_steps, every_seconds)
         self.node_id = _executing_node_id()
+        self.console = tqdm(total=self.total, desc=title, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, loss: float, history: list[float], lr: float | None = None) -> None:
+        postfix = {"loss": f"{loss:.4f}"} | ({"lr": f"{lr:.2e}"} if lr is not None else {})
+        self.console.set_postfix(postfix, refresh=False)
+        self.console.update(step - self.console.n)
         # Do not call into the progress hook once a cancel is pending: it would raise inside the
         # engine before it could save; the engine sees should_stop() and the node re-raises.
         if processing_interrupted():
@@ -392,6 +409,17 @@ class TrainingProgress:
             if self.chart is not None and history:
                 preview = ("PNG", self.chart(history), 512)
         self.pbar.update_absolute(step, self.total, preview)
+
+    def show(self, step: int, image: Image.Image, text: str) -> None:
+        """Show `image` on the node now (e.g. new sample images) and log `text` to the console."""
+        log.info("[LoRA Trainer] %s", text)
+        if processing_interrupted():
+            return
+        send_text(text, self.node_id)
+        self.pbar.update_absolute(step, self.total, ("PNG", image, 512))
+
+    def close(self) -> None:
+        self.console.close()
 
 
 def send_text(text: str, node_id: str | None = None) -> None:

@@ -1,13 +1,16 @@
 """Train LoRA: widgets (plus the settings nodes' values, see training_settings) -> `TrainConfig`,
 dataset lists -> `TrainingData`, then lora_core's `train` inside a ComfyUI training session (see
-comfy_glue). Checkpoints (every N steps, on cancel, on a
-non-finite loss) go to the loras folder so `existing_lora` can continue from them.
+comfy_glue). Checkpoints (every N steps, on cancel, on a non-finite loss) go to the loras folder so
+`existing_lora` can continue from them; sample images (sampling_glue) go to output/ and the
+`samples` grid.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import dataclass
+
 from PIL import Image
 from comfy_api.latest import io
 
@@ -16,6 +19,7 @@ from ..lora_core.adapters import AdapterSpec
 from ..lora_core.errors import UserInputError
 from ..lora_core.lorafile.lora_model import LoraModel
 from ..lora_core.training.objectives import ObjectiveConfig
+from ..lora_core.training.sampling import SampleSchedule
 from ..lora_core.plotting import loss_chart_png
 from ..lora_core.training.schedule import check_scheduler
 from ..lora_core.adapters.targets import TargetSpec
@@ -25,7 +29,10 @@ from . import comfy_glue as glue
 from .lists import loss_summary, single, training_samples
 from .lora_nodes import LORA_MODEL, LOSS_MAP, relative_lora_name, write_lora
 from .training_settings import NODES as SETTINGS_NODES
-from .training_settings import LORA_DTYPES, LOSS_LABELS, MEMORY_SETTINGS, TRAINING_SETTINGS, merged_values
+from .training_settings import (LORA_DTYPES, LOSS_LABELS, MEMORY_SETTINGS, SAMPLE_SETTINGS, TRAINING_SETTINGS,
+                                merged_values)
+from .sample_files import prompt_texts, row_strip, stack_vertically
+from .sampling_glue import SampleRequest, TrainingSamples, no_output, sample_request
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +192,22 @@ class TrainLoRA(io.ComfyNode):
                 io.Int.Input("save_every_steps", default=0, min=0, max=100000,
                              tooltip="Write a checkpoint to models/loras/ every N steps (0 = only on cancel and "
                                      "errors); the file prefix is in LoRA Training Settings."),
+                io.Int.Input("sample_every_steps", default=50, min=0, max=100000,
+                             tooltip="With sample_prompts connected: draw sample images every N steps (global "
+                                     "step numbers, so a continued run keeps the rhythm), at every checkpoint "
+                                     "and at the last step. 0 = only at checkpoints and the last step."),
+                io.Conditioning.Input("sample_prompts", optional=True,
+                                      tooltip="Prompts to draw sample images from while training (CLIP Text "
+                                              "Encode; several through Create List). Each gets its own column "
+                                              "in the 'samples' grid and its own fixed noise. Needs 'vae'."),
+                io.Conditioning.Input("sample_negative", optional=True,
+                                      tooltip="Negative prompt of the samples (one for all, or one per prompt). "
+                                              "Unconnected: zeroed conditioning (ConditioningZeroOut)."),
+                io.Vae.Input("vae", optional=True, tooltip="Decodes the sample images (your checkpoint's VAE)."),
+                SAMPLE_SETTINGS.Input("sample_settings", optional=True,
+                                      tooltip="From LoRA Sample Settings: sampler, scheduler, steps, cfg, seed, "
+                                              "size. Unconnected: euler / simple, 20 steps, cfg 8, seed 0, the "
+                                              "training size."),
                 TRAINING_SETTINGS.Input("settings", optional=True,
                                         tooltip="From LoRA Training Settings: loss, noise levels, learning-rate "
                                                 "schedule, target layers, output dtype, validation. Unconnected: "
@@ -198,30 +221,56 @@ class TrainLoRA(io.ComfyNode):
                 LORA_MODEL.Output(display_name="lora", tooltip="The trained LoRA weights (with metadata)."),
                 LOSS_MAP.Output(display_name="loss_map", tooltip="Loss per step (plus validation loss, lr)."),
                 io.Int.Output(display_name="steps", tooltip="Total steps, including steps of a resumed LoRA."),
+                io.Image.Output(display_name="samples",
+                                tooltip="Grid of the sample images: one row per sampled step (in order), one "
+                                        "column per prompt. Nothing (the next node is skipped) without "
+                                        "sample_prompts."),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo, io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, latents, positive, **inputs) -> io.NodeOutput:
+    def execute(cls, model, latents, positive, sample_prompts=None, sample_negative=None, vae=None,
+                **inputs) -> io.NodeOutput:
         values = merged_values(cls.define_schema().inputs, inputs, single)
         model = single(model)
         samples, conds = training_samples(latents, positive)
         mixed_sizes = len({tuple(x.shape) for x in samples}) > 1
         config = train_config(values, mixed_sizes)
         data = TrainingData(latents=samples, conds=conds)
-        return run_training(model, data, config, values)
+        request = None
+        if sample_prompts:
+            hidden = getattr(cls, "hidden", None)
+            api_prompt = getattr(hidden, "prompt", None)
+            texts = prompt_texts(api_prompt, getattr(hidden, "unique_id", None), "sample_prompts",
+                                 len(sample_prompts))
+            request = SampleSink(sample_request(sample_prompts, sample_negative, single(vae),
+                                                values["sample_settings"], texts),
+                                 api_prompt, getattr(hidden, "extra_pnginfo", None))
+        return run_training(model, data, config, values, request)
 
 
-def run_training(model, data: TrainingData, config: TrainConfig, v: dict) -> io.NodeOutput:
+@dataclass
+class SampleSink:
+    """The checked sample request plus what the PNG files record about the workflow."""
+
+    request: SampleRequest
+    api_prompt: dict | None
+    extra_pnginfo: dict | None
+
+
+def run_training(model, data: TrainingData, config: TrainConfig, v: dict,
+                 sampling: SampleSink | None = None) -> io.NodeOutput:
     base_model = glue.base_model_name(model)
     checkpoints = CheckpointWriter(config, v, base_model)
     fp8_backward = glue.low_vram_check(model, config, v["quantized_backward"]).fp8_backward
+    samples = None
     with glue.training_session(model, config.offloading, fp8_backward) as denoiser:
         checkpoints.prediction_type = denoiser.prediction_type
         resume = load_resume(v["existing_lora"], denoiser, config)
         start = resume.steps_done if resume is not None else 0
         history: list[float] = []
-        progress = glue.TrainingProgress(config.steps, chart=_chart)
+        progress = glue.TrainingProgress(config.steps, chart=lambda h: _chart(h, samples))
 
         def on_step(step: int, loss: float, lr: float) -> None:
             history.append(loss)
@@ -229,21 +278,53 @@ def run_training(model, data: TrainingData, config: TrainConfig, v: dict) -> io.
 
         callbacks = TrainCallbacks(on_step=on_step, should_stop=glue.processing_interrupted,
                                    on_checkpoint=checkpoints.on_checkpoint)
+        if sampling is not None:
+            samples = training_samples_for(sampling, v, config, data)
+
+            def on_sample(step: int) -> None:
+                seconds = samples.seconds
+                samples.draw(denoiser.patcher, step)
+                if samples.rows and samples.rows[-1][0] == step:
+                    progress.show(step - start, _chart(history, samples),
+                                  f"samples at step {step}: {len(samples.request.prompts)} in "
+                                  f"{samples.seconds - seconds:.1f} s -> output/{samples.subfolder}/")
+
+            callbacks.on_sample, callbacks.sample_schedule = on_sample, samples.schedule
         try:
             result = train(denoiser, data, config, callbacks, resume)
         except NonFiniteLoss as stop:
             path = checkpoints.write_result(stop.result)
             raise UserInputError(f"{stop} Last good weights: loras/{path}.") from stop
+        finally:
+            progress.close()
         lora = lora_output(result, config, v, base_model, denoiser.prediction_type)
     if result.stopped_early:
         path = checkpoints.write(lora, result.total_steps)
         log.info("[LoRA Trainer] cancelled at step %d; checkpoint %s", result.total_steps, path)
         glue.raise_if_interrupted()
-    return io.NodeOutput(lora, result.loss_map(), result.total_steps)
+    grid = samples.grid() if samples is not None else None
+    ui = {"images": samples.ui_images()} if samples is not None and samples.files else None
+    return io.NodeOutput(lora, result.loss_map(), result.total_steps,
+                         grid if grid is not None else no_output(), ui=ui)
 
 
-def _chart(history: list[float]) -> Image.Image:
-    return glue.png_to_pil(loss_chart_png(history, title=f"Training loss ({len(history)} steps)"))
+def training_samples_for(sampling: SampleSink, v: dict, config: TrainConfig, data: TrainingData) -> TrainingSamples:
+    """Where and when this run draws its samples: output/<checkpoint_prefix>_samples/, on the
+    schedule of sample_every_steps, sample_at_start and the checkpoints."""
+    folder, subfolder = glue.output_folder(f"{v['checkpoint_prefix']}_samples")
+    schedule = SampleSchedule(every_steps=v["sample_every_steps"],
+                              at_start=bool(v["sample_settings"]["sample_at_start"]),
+                              checkpoint_every=config.save_every_steps)
+    return TrainingSamples(sampling.request, schedule, tuple(data.latents[0].shape), folder, subfolder,
+                           sampling.api_prompt, sampling.extra_pnginfo)
+
+
+def _chart(history: list[float], samples: TrainingSamples | None = None) -> Image.Image:
+    chart = glue.png_to_pil(loss_chart_png(history, title=f"Training loss ({len(history)} steps)")) \
+        if history else None
+    row = samples.latest_row() if samples is not None else None
+    strip = row_strip(row, chart.width if chart is not None else 512) if row else None
+    return stack_vertically(chart, strip) if chart is not None else strip
 
 
 def load_resume(name: str, denoiser, config: TrainConfig):

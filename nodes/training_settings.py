@@ -16,12 +16,14 @@ from comfy_api.latest import io
 from ..lora_core.adapters.targets import PRESETS
 from ..lora_core.errors import UserInputError
 from ..lora_core.training.loop import CHECKPOINT_POLICIES
+from . import sampling_glue
 
 CATEGORY = "LoRA Trainer/training"
 PREFIX = "LoRATrainer_"
 
 TRAINING_SETTINGS = io.Custom("LORA_TRAINING_SETTINGS")
 MEMORY_SETTINGS = io.Custom("LORA_MEMORY_SETTINGS")
+SAMPLE_SETTINGS = io.Custom("LORA_SAMPLE_SETTINGS")
 
 LOSS_LABELS = {"MSE": "mse", "L1": "l1", "Huber": "huber", "SmoothL1": "smooth_l1"}
 LORA_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -130,6 +132,30 @@ def memory_setting_inputs() -> list:
     ]
 
 
+def sample_setting_inputs() -> list:
+    """How Train LoRA draws its sample images (KSampler's knobs, same defaults)."""
+    return [
+        io.Combo.Input("sampler_name", options=sampling_glue.sampler_names(), default="euler",
+                       tooltip="Sampler of the sample images, as in KSampler."),
+        io.Combo.Input("scheduler", options=sampling_glue.scheduler_names(), default="simple",
+                       tooltip="Scheduler of the sample images, as in KSampler."),
+        io.Int.Input("steps", default=20, min=1, max=1000,
+                     tooltip="Sampling steps per image (20 usual; fewer = cheaper previews)."),
+        io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance, as in KSampler (about 7 for SD1.5/SDXL, 1 for Flux)."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                     tooltip="Noise seed of the first prompt; prompt k uses seed + k. Fixed noise, so every row "
+                             "differs only by what the LoRA learned, and KSampler redraws a sample with this seed."),
+        io.Int.Input("width", default=0, min=0, max=16384, step=8,
+                     tooltip="Sample width in pixels; 0 = the size of the training images."),
+        io.Int.Input("height", default=0, min=0, max=16384, step=8,
+                     tooltip="Sample height in pixels; 0 = the size of the training images."),
+        io.Boolean.Input("sample_at_start", default=False,
+                         tooltip="Also draw the samples before the first step (the model as it starts; for a "
+                                 "continued LoRA, its last samples again)."),
+    ]
+
+
 def defaults(inputs: list) -> dict:
     return {i.id: i.default for i in inputs if getattr(i, "default", None) is not None}
 
@@ -176,12 +202,40 @@ class MemorySettings(io.ComfyNode):
         return io.NodeOutput({**defaults(memory_setting_inputs()), **values})
 
 
+class SampleSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=PREFIX + "SampleSettings",
+            display_name="LoRA Sample Settings",
+            category=CATEGORY,
+            description="How Train LoRA draws its sample images: sampler, scheduler, steps, cfg, seed, size, and "
+                        "whether to sample before the first step. Connect to Train LoRA's 'sample_settings'; "
+                        "without it Train LoRA uses these defaults.",
+            search_aliases=["sample settings", "preview settings", "validation images"],
+            inputs=sample_setting_inputs(),
+            outputs=[SAMPLE_SETTINGS.Output(display_name="sample_settings",
+                                            tooltip="Connect to Train LoRA's 'sample_settings' input.")],
+        )
+
+    @classmethod
+    def execute(cls, **values) -> io.NodeOutput:
+        return io.NodeOutput({**defaults(sample_setting_inputs()), **values})
+
+
+def sample_settings(given: dict | None) -> dict:
+    """The sample settings a run uses: the connected node's values over the defaults."""
+    return {**defaults(sample_setting_inputs()), **(given or {})}
+
+
 def merged_values(own_inputs: list, given: dict, single) -> dict:
     """Every setting Train LoRA needs: defaults, then the connected settings nodes' values, then the
-    node's own widgets (and, for Python callers, any setting given by name)."""
+    node's own widgets (and, for Python callers, any setting given by name). The sample settings
+    stay a group of their own (`values["sample_settings"]`): their names repeat Train LoRA's."""
     settings_defaults = {**defaults(training_setting_inputs()), **defaults(memory_setting_inputs())}
     values = {**defaults(own_inputs), **settings_defaults}
     given = {name: single(value) for name, value in given.items() if value is not None}
+    values["sample_settings"] = sample_settings(given.pop("sample_settings", None))
     for socket in ("settings", "memory"):
         group = given.pop(socket, None)
         if group is not None:
@@ -197,4 +251,4 @@ def merged_values(own_inputs: list, given: dict, single) -> dict:
     return values
 
 
-NODES = [TrainingSettings, MemorySettings]
+NODES = [TrainingSettings, MemorySettings, SampleSettings]

@@ -81,20 +81,37 @@ def _save_and_plot(g: Graph, train, prefix, pos=(X3, 0)):
     return save, plot
 
 
+def _sample_prompt(g: Graph, train, checkpoint, pos, prefix, every=STEPS // 4, text=f"{CAPTION} on a table"):
+    """A sample prompt for Train LoRA (every ~1/4 of the steps) and its grid saved beside the LoRA.
+    Added last, so the ids of the other nodes stay what they were."""
+    prompt = g.add("CLIPTextEncode", pos, title="Sample prompt (use your trigger word)", text=text)
+    g.connect(checkpoint.out("CLIP"), prompt, "clip")
+    g.connect(prompt.out(0), train, "sample_prompts")
+    g.connect(checkpoint.out("VAE"), train, "vae")
+    train.widgets["sample_every_steps"] = every
+    grid = g.add("SaveImage", (pos[0] + 420, pos[1]), title="Sample grid (rows = steps)",
+                 filename_prefix=f"{prefix}_samples")
+    g.connect(train.out("samples"), grid, "images")
+    return prompt
+
+
 def images_one_caption(g: Graph):
     _note(g, f"""
 ## Train a LoRA: a folder of images, one caption for all
 1. Put 5-50 images of your subject in **ComfyUI/input/{FOLDER}/** (press R in the editor to refresh the folder list).
 2. Pick your SD1.5 checkpoint in **Load Checkpoint** and write the caption (keep a rare trigger word such as *sks*).
 3. Queue. The LoRA is written to **models/loras/** (`my_lora_{STEPS}_steps_00001_.safetensors`) and the loss chart to **output/**.
+Every {STEPS // 4} steps Train LoRA draws the **sample prompt** (shown on the node, saved to
+**output/checkpoints/lora_samples/step_N_0.png**); the grid of all samples is saved at the end.
 Start with 100-300 steps; learning rate 1e-4 to 5e-4; rank 8-16.
-""")
+""", height=260)
     ckpt = _checkpoint(g)
     images = _images(g, (X0, 200))
     caption = _caption(g, (X0, 560))
     data = _make_dataset(g, (X1, 200), images, ckpt, caption.out(0))
     train = _train(g, (X2, 0), ckpt.out("MODEL"), data.out("latents"), data.out("conditioning"))
     _save_and_plot(g, train, "my_lora")
+    _sample_prompt(g, train, ckpt, (X1, 520), "my_lora")
 
 
 def captioned_folder(g: Graph):
@@ -110,6 +127,7 @@ The trigger word is put in front of every caption; images without a .txt get the
     data = _make_dataset(g, (X1, 200), images, ckpt, images.out("texts"))
     train = _train(g, (X2, 0), ckpt.out("MODEL"), data.out("latents"), data.out("conditioning"))
     _save_and_plot(g, train, "my_captioned_lora")
+    _sample_prompt(g, train, ckpt, (X1, 520), "my_captioned_lora")
 
 
 def mixed_resolutions(g: Graph):
@@ -133,6 +151,7 @@ Bucket node.
     g.connect(images.out("texts"), data, "texts")
     train = _train(g, (X2, 0), ckpt.out("MODEL"), data.out("latents"), data.out("conditioning"), batch_size=2)
     _save_and_plot(g, train, "my_bucketed_lora")
+    _sample_prompt(g, train, ckpt, (X1, 700), "my_bucketed_lora")
 
 
 def save_dataset(g: Graph):
@@ -177,6 +196,7 @@ Use the same dataset, rank and algorithm as the first run. Images: **ComfyUI/inp
     train = _train(g, (X2, 0), ckpt.out("MODEL"), data.out("latents"), data.out("conditioning"),
                    existing_lora=f"my_lora_{STEPS}_steps_00001_.safetensors", steps=100)
     _save_and_plot(g, train, "my_lora_continued")
+    _sample_prompt(g, train, ckpt, (X1, 520), "my_lora_continued", every=25)
 
 
 def low_vram(g: Graph):
