@@ -58,7 +58,8 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=64, help="training (and sample) image size in pixels")
     parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--prompt", default="a photo of sks toy")
+    parser.add_argument("--prompt", action="append", help="sample prompt (repeatable: one grid column each)")
+    parser.add_argument("--at-start", action="store_true", help="also sample before the first step")
     parser.add_argument("--grid", help="write the samples grid here (PNG)")
     parser.add_argument("--threads", type=int, default=0)
     opts = parser.parse_args()
@@ -79,6 +80,7 @@ def main() -> None:
     import comfy.sd
     import folder_paths
     from lora_trainer_pack.lora_core.training.loop import TrainingData
+    from lora_trainer_pack.lora_core.training.sampling import SampleSchedule
     from lora_trainer_pack.nodes import training_nodes as tn
     from lora_trainer_pack.nodes.lists import single
     from lora_trainer_pack.nodes.sample_files import png_bytes
@@ -91,14 +93,16 @@ def main() -> None:
     folder_paths.set_output_directory(str(work / "output"))
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)
-    caption = clip.encode_from_tokens_scheduled(clip.tokenize(opts.prompt))
+    prompts = opts.prompt or ["a photo of sks toy"]
+    caption = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks toy"))
+    encoded = [clip.encode_from_tokens_scheduled(clip.tokenize(text)) for text in prompts]
     latents = [vae.encode(image)[0].cpu() for image in training_images(opts.images, opts.size)]
     data = TrainingData(latents=latents, conds=[caption])
     values = merged_values(tn.TrainLoRA.define_schema().inputs,
                            {"steps": opts.steps, "sample_every_steps": opts.every}, single)
-    values["sample_settings"]["steps"] = opts.sample_steps
+    values["sample_settings"].update(steps=opts.sample_steps, sample_at_start=opts.at_start)
     config = tn.train_config(values, False)
-    sink = tn.SampleSink(sample_request([caption], [], vae, values["sample_settings"], [opts.prompt]), None, None)
+    sink = tn.SampleSink(sample_request(encoded, [], vae, values["sample_settings"], prompts), None, None)
 
     seconds = {}
     samples_seconds = []
@@ -115,13 +119,20 @@ def main() -> None:
         seconds[name] = time.perf_counter() - start
     grid = output.args[3]
     sampled = samples_seconds[-1]
-    rows = grid.shape[1] // latents[0].shape[-2] // vae.spacial_compression_decode()
-    print(f"checkpoint {Path(checkpoint).name}, {opts.steps} steps at {opts.size} px, {opts.images} images; "
-          f"samples every {opts.every} steps ({rows} rows x 1 prompt, {opts.sample_steps} sampler steps, cfg "
-          f"{values['sample_settings']['cfg']}), device {model.load_device}, torch threads {torch.get_num_threads()}")
+    rows = SampleSchedule(opts.every, opts.at_start).steps(0, opts.steps)
+    per_step = (seconds["with samples"] - sampled) / opts.steps
+    per_row = sampled / len(rows)
+    print(f"checkpoint {Path(checkpoint).name}, {opts.steps} steps at {opts.size} px, {opts.images} images; samples "
+          f"at steps {rows} x {len(prompts)} prompt(s), {opts.sample_steps} sampler steps, cfg "
+          f"{values['sample_settings']['cfg']}; device {model.load_device}, torch threads {torch.get_num_threads()}")
     print(f"run without samples {seconds['without samples']:.1f} s, with samples {seconds['with samples']:.1f} s; "
-          f"sampling {sampled:.1f} s = {100 * sampled / seconds['with samples']:.1f}% of the run "
-          f"(difference of the runs: {100 * (seconds['with samples'] - seconds['without samples']) / seconds['with samples']:.1f}%)")
+          f"sampling measured inside the run {sampled:.1f} s = {100 * sampled / seconds['with samples']:.1f}% of it "
+          f"(difference of the two runs: {seconds['with samples'] - seconds['without samples']:.1f} s)")
+    print(f"per training step {per_step:.3f} s, per sample row {per_row:.2f} s")
+    for steps, every in ((200, 50), (1000, 250)):
+        n = len(SampleSchedule(every).steps(0, steps))
+        share = n * per_row / (steps * per_step + n * per_row)
+        print(f"  projected for {steps} steps sampling every {every} ({n} rows): {100 * share:.1f}% of the run")
     if opts.grid:
         Path(opts.grid).write_bytes(png_bytes(grid[0]))
         print(f"grid {tuple(grid.shape)} written to {opts.grid}")
