@@ -158,6 +158,12 @@ class _Saved:
         self.copied = False
 
 
+class _Ref(weakref.ref):
+    """A weak reference that knows which storage's entry to drop when its object dies."""
+
+    __slots__ = ("key",)
+
+
 class _Held:
     """A registry entry: a weak reference to what holds saved memory, and which memory."""
 
@@ -173,14 +179,27 @@ class _Held:
 
 
 class _Mode(TorchFunctionMode):
-    """Sees every torch call of the session's thread (and of autograd's threads working for it)."""
+    """Sees every torch call of the session's thread (and of autograd's threads working for it).
+
+    Most calls write nothing (and many are attribute reads such as `.shape`): they leave after one
+    dictionary lookup, the cost that matters on small layers.
+    """
 
     def __init__(self, session: "AutogradSafety"):
         super().__init__()
         self.session = session
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        return self.session._call(func, args, kwargs or {})
+        session = self.session
+        if session.reference_ops or kwargs:
+            return session._call(func, args, kwargs or {})
+        try:
+            writes = _write_kinds[func]
+        except (KeyError, TypeError):
+            writes = _writes_first_argument(func)
+        if not writes or not session._held:
+            return func(*args)
+        return session._call(func, args, {})
 
 
 _write_kinds: dict = {}  # func -> True when its first argument is written (cached per function object)
@@ -269,7 +288,7 @@ class AutogradSafety:
         saved = _Saved(tensor.detach(), tensor._version)
         extent = _extent(tensor)
         if extent is not None:
-            self._hold(extent, weakref.ref(saved, self._forget(extent.key)), alias=False)
+            self._hold(extent, _Ref(saved, self._forget), alias=False)
         return saved
 
     @staticmethod
@@ -283,27 +302,23 @@ class AutogradSafety:
             )
         return saved.tensor
 
-    def _hold(self, extent: _Extent, ref, alias: bool) -> None:
+    def _hold(self, extent: _Extent, ref: _Ref, alias: bool) -> None:
+        ref.key = extent.key
         self._held.setdefault(extent.key, {})[id(ref)] = _Held(ref, extent, alias)
 
-    def _forget(self, key: int) -> Callable:
-        held = self._held
-
-        def forget(ref):
-            entries = held.get(key)
-            if entries is not None:
-                entries.pop(id(ref), None)
-                if not entries:
-                    del held[key]
-
-        return forget
+    def _forget(self, ref: _Ref) -> None:
+        entries = self._held.get(ref.key)
+        if entries is not None:
+            entries.pop(id(ref), None)
+            if not entries:
+                del self._held[ref.key]
 
     # -- saving inside a checkpoint's recompute -------------------------------------------------
     def _alias_for_recompute(self, tensor: torch.Tensor) -> torch.Tensor:
         alias = tensor.detach()
         extent = _extent(tensor)
         if extent is not None:
-            self._hold(extent, weakref.ref(alias, self._forget(extent.key)), alias=True)
+            self._hold(extent, _Ref(alias, self._forget), alias=True)
         return alias
 
     # -- every torch call ------------------------------------------------------------------------
