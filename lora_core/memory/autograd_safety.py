@@ -191,31 +191,38 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         session = self.session
-        if session.reference_ops or kwargs:
+        if kwargs or type(func) in _OP_TYPES:  # keyword writes (out=, inplace=) or a custom op
             return session._call(func, args, kwargs or {})
         try:
-            writes = _write_kinds[func]
+            written = _written[func]
         except (KeyError, TypeError):
-            writes = _writes_first_argument(func)
-        if not writes or not session._held:
+            written = _written_arguments(func)
+        if not written or not session._held:
             return func(*args)
         return session._call(func, args, {})
 
 
-_write_kinds: dict = {}  # func -> True when its first argument is written (cached per function object)
+_OP_TYPES = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
+_written: dict = {}  # func -> positions of the arguments it writes into (cached per function object)
 
 
-def _writes_first_argument(func) -> bool:
-    kind = _write_kinds.get(func)
-    if kind is None:
+def _written_arguments(func) -> tuple[int, ...]:
+    """Which positional arguments `func` writes into: from the schema for torch.ops operators, else
+    by torch's naming (`add_`, `copy_`, `__iadd__`, `__setitem__`: the first one)."""
+    op = func.default if isinstance(func, torch._ops.OpOverloadPacket) and hasattr(func, "default") else func
+    if isinstance(op, torch._ops.OpOverload):
+        written = tuple(i for i, arg in enumerate(op._schema.arguments)
+                        if not arg.kwarg_only and arg.alias_info is not None and arg.alias_info.is_write)
+    else:
         name = getattr(func, "__name__", "")
-        kind = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__")
-                                             and not name.endswith("__") and name not in _NOT_WRITES)
-        try:
-            _write_kinds[func] = kind
-        except TypeError:  # unhashable callable: decide each time
-            pass
-    return kind
+        first = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__")
+                                              and not name.endswith("__") and name not in _NOT_WRITES)
+        written = (0,) if first else ()
+    try:
+        _written[func] = written
+    except TypeError:  # unhashable callable: decided again each time
+        pass
+    return written
 
 
 _SETITEM = torch.Tensor.__setitem__
@@ -323,23 +330,28 @@ class AutogradSafety:
 
     # -- every torch call ------------------------------------------------------------------------
     def _call(self, func, args, kwargs):
-        if self.reference_ops:
+        if self.reference_ops and type(func) in _OP_TYPES:
             reference = self.reference_ops.get(func)
             if reference is not None:
                 self.rerouted += 1
                 return reference(*args, **kwargs)
-        targets = None
-        if _writes_first_argument(func) and args:
-            if func is _SETITEM and len(args) > 1 and _basic_index(args[1]):
-                targets = [args[0][args[1]]]  # the view written (a view op: cheap, exact)
-            else:
-                targets = list(_tensors_in(args[0]))
+        try:
+            written = _written[func]
+        except (KeyError, TypeError):
+            written = _written_arguments(func)
+        targets = []
+        for position in written:
+            if position < len(args):
+                if func is _SETITEM and len(args) > 1 and _basic_index(args[1]):
+                    targets.append(args[0][args[1]])  # the view written (a view op: cheap, exact)
+                else:
+                    targets.extend(_tensors_in(args[position]))
         if kwargs:
             if kwargs.get("inplace") is True and args and isinstance(args[0], torch.Tensor):
-                targets = (targets or []) + [args[0]]
+                targets.append(args[0])
             out = kwargs.get("out")
             if out is not None:
-                targets = (targets or []) + list(_tensors_in(out))
+                targets.extend(_tensors_in(out))
         if not targets or not self._held:
             return func(*args, **kwargs)
         untouched = self._before_write(targets)
