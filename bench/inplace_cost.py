@@ -43,14 +43,16 @@ ROWS = (("flux", "off", True), ("flux", "all_blocks", True), ("sd3", "off", True
 
 def family_config(family: str, width: int, latent: int) -> tuple[str, dict]:
     heads = width // 128 if family == "flux" else width // 64
+    depth = width // 64  # SD3's joint blocks at this width
     if family == "flux":
-        # Flux.1 layout (2x2 patches, 16 latent channels, guidance, CLIP pooled vector), 3 double + 5 single blocks.
+        # Flux.1 layout (2x2 patches, 16 latent channels, guidance, CLIP pooled vector). depth/2 double
+        # (36 w^2 parameters each) + depth single blocks (15 w^2) against SD3's depth joint blocks (36 w^2):
+        # about 8% fewer parameters than the SD3 model at any width.
         return "Flux", dict(image_model="flux", guidance_embed=True, in_channels=16, out_channels=16, vec_in_dim=768,
-                            context_in_dim=width, hidden_size=width, mlp_ratio=4.0, num_heads=heads, depth=3,
-                            depth_single_blocks=5, axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True,
+                            context_in_dim=width, hidden_size=width, mlp_ratio=4.0, num_heads=heads, depth=depth // 2,
+                            depth_single_blocks=depth, axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True,
                             txt_ids_dims=[])
-    # SD3 MMDiT: width = 64 * depth; 8 joint blocks hold about as many parameters as Flux's 3 + 5 above.
-    depth = width // 64
+    # SD3 MMDiT: width = 64 * depth (8 joint blocks at width 512).
     patches = latent // 2
     return "SD3", dict(in_channels=16, out_channels=16, patch_size=2, depth=depth, input_size=None,
                        adm_in_channels=2048, num_patches=patches * patches, pos_embed_max_size=patches,
