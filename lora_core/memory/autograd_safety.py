@@ -464,7 +464,7 @@ class _RecomputeHooks:
         try:
             if session._mode is not None and active_session() is not session:
                 stack.enter_context(session._mode)
-            top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            top = _top_saved_tensors_hooks(False)
             outer_pack, outer_unpack = top if top is not None else (_same, _same)
 
             def pack(tensor):
@@ -491,7 +491,13 @@ def recompute_context():
     """For `torch.utils.checkpoint(context_fn=...)`: the context its recompute runs in. Called at
     forward time; a no-op context when no session is active on this thread."""
     session = active_session()
-    return _RecomputeHooks(session) if session is not None else contextlib.nullcontext()
+    if session is None or _top_saved_tensors_hooks is None:
+        return contextlib.nullcontext()
+    return _RecomputeHooks(session)
+
+
+# torch's own accessor (used by torch.compile); present in the torch versions ComfyUI ships with.
+_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
 
 # ---------------------------------------------------------------------------------------------
