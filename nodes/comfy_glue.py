@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
 import time
 import uuid
@@ -40,9 +39,10 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..lora_core.data.paths import is_inside, resolve_inside
+from ..lora_core.data.paths import is_inside
 from ..lora_core.errors import UserInputError
 from ..lora_core.memory.quantized import LowVramCheck, check_low_vram_settings
+from . import outputs
 from .lists import Throttle, conditioning_entry
 
 log = logging.getLogger(__name__)
@@ -307,19 +307,14 @@ def lora_roots_text() -> list[str]:
     return [str(p) for p in folder_paths.get_folder_paths("loras")]
 
 
+def lora_root() -> Path:
+    """The loras folder files are saved into (the first one ComfyUI lists)."""
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
 def lora_save_folder(prefix: str) -> tuple[Path, str]:
     """(folder, file-name prefix) for a save prefix like "my_project/character" inside loras/."""
-    root = Path(folder_paths.get_folder_paths("loras")[0])
-    text = prefix.strip().replace("\\", "/")
-    if not text or text.endswith("/"):
-        raise UserInputError(
-            f"The file prefix {prefix!r} has no file name: use e.g. 'my_lora' or 'project/my_lora'."
-        )
-    folder_part, _, name = text.rpartition("/")
-    folder = resolve_inside(root, folder_part, "prefix folder") if folder_part else root
-    if not is_inside(root, folder):
-        raise UserInputError(f"The prefix {prefix!r} leads outside {root}: give a path inside the loras folder.")
-    return folder, name
+    return outputs.prefix_folder(lora_root(), prefix)
 
 
 def refresh_lora_list() -> None:
@@ -331,26 +326,13 @@ def dataset_roots() -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths("datasets")]
 
 
+def output_directory() -> Path:
+    return Path(folder_paths.get_output_directory())
+
+
 def output_image_path(prefix: str) -> tuple[Path, str]:
     """(a new, never-used PNG path under output/ for `prefix`, its subfolder relative to output/)."""
-    output_dir = Path(folder_paths.get_output_directory())
-    text = prefix.strip().replace("\\", "/")
-    folder_part, _, name = text.rpartition("/")
-    if not name:
-        raise UserInputError(f"The file prefix {prefix!r} has no file name: use e.g. 'loss_graph' or 'runs/loss'.")
-    folder = resolve_inside(output_dir, folder_part, "prefix folder") if folder_part else output_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    counter = 1
-    pattern = re.compile(rf"^{re.escape(name)}_(\d{{5,}})_\.png$")
-    for existing in os.listdir(folder):
-        match = pattern.match(existing)
-        if match:
-            counter = max(counter, int(match.group(1)) + 1)
-    path = folder / f"{name}_{counter:05d}_.png"
-    while path.exists():
-        counter += 1
-        path = folder / f"{name}_{counter:05d}_.png"
-    return path, folder.relative_to(output_dir).as_posix() if folder != output_dir else ""
+    return outputs.output_image_path(output_directory(), prefix)
 
 
 # --------------------------------------------------------------------------------------------

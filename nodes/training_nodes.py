@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import torch
 from PIL import Image
 from comfy_api.latest import io
 
@@ -22,8 +21,9 @@ from ..lora_core.adapters.targets import PRESETS, TargetSpec
 from ..lora_core.training.loop import (CHECKPOINT_POLICIES, NonFiniteLoss, TrainCallbacks, TrainConfig, TrainingData,
                                  TrainResult, train)
 from . import comfy_glue as glue
-from .lists import loss_summary, single, training_samples
+from .lists import single, training_samples
 from .lora_nodes import LORA_MODEL, LOSS_MAP, relative_lora_name, write_lora
+from .outputs import LORA_DTYPES, NODE_ONLY_SETTINGS, lora_output  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ OPTIONAL_OPTIMIZER_LABELS = {"Prodigy": ("prodigy", "prodigyopt"), "Lion": ("lio
                              "AdamW8bit": ("adamw8bit", "bitsandbytes")}
 LOSS_LABELS = {"MSE": "mse", "L1": "l1", "Huber": "huber", "SmoothL1": "smooth_l1"}
 ALGORITHM_LABELS = {"LoRA": "lora", "LoHa": "loha", "LoKr": "lokr", "OFT": "oft"}
-LORA_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def optimizer_labels() -> list[str]:
@@ -109,29 +108,6 @@ def train_config(v: dict, mixed_sizes: bool) -> TrainConfig:
         validation_every_steps=v["validation_every_steps"],
         validation_samples=v["validation_samples"],
     )
-
-
-# Widgets that shape the run but are not part of TrainConfig, recorded in the file too.
-NODE_ONLY_SETTINGS = ("lora_dtype", "quantized_backward", "bucket_mode", "existing_lora")
-
-
-def lora_output(result: TrainResult, config: TrainConfig, v: dict, base_model: str,
-                prediction_type: str) -> LoraModel:
-    """The LORA_MODEL: ComfyUI-internal tensors in lora_dtype (alphas stay float32), metadata,
-    optimizer state."""
-    dtype = LORA_DTYPES[v["lora_dtype"]]
-    tensors = {
-        key: tensor if key.endswith(".alpha") or not tensor.is_floating_point() else tensor.to(dtype)
-        for key, tensor in result.adapter_set.to_state_dict().items()
-    }
-    metadata = resume.training_metadata(config, result.total_steps, result.loss, extra={
-        "base_model": base_model,
-        "prediction_type": prediction_type,
-        "node_settings": {name: v[name] for name in NODE_ONLY_SETTINGS},
-        "loss_summary": loss_summary(result.loss),
-        "stopped_early": str(result.stopped_early).lower(),
-    })
-    return LoraModel({k: t.detach().cpu() for k, t in tensors.items()}, metadata, result.optimizer_state)
 
 
 class TrainLoRA(io.ComfyNode):
@@ -291,15 +267,19 @@ class TrainLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latents, positive, **widgets) -> io.NodeOutput:
-        # Advanced inputs are optional so API prompts may leave them out: fill in their defaults.
-        values = {i.id: i.default for i in cls.define_schema().inputs if getattr(i, "default", None) is not None}
-        values.update({name: single(value) for name, value in widgets.items()})
-        model = single(model)
-        samples, conds = training_samples(latents, positive)
-        mixed_sizes = len({tuple(x.shape) for x in samples}) > 1
-        config = train_config(values, mixed_sizes)
-        data = TrainingData(latents=samples, conds=conds)
-        return run_training(model, data, config, values)
+        return run_training(*training_inputs(model, latents, positive, widgets))
+
+
+def training_inputs(model, latents, positive, widgets: dict) -> tuple[object, TrainingData, TrainConfig, dict]:
+    """(model, data, engine config, every widget value) from Train LoRA's list inputs; Export
+    Training Job takes the same inputs through here, so a job trains what the node would."""
+    # Advanced inputs are optional so API prompts may leave them out: fill in their defaults.
+    values = {i.id: i.default for i in TrainLoRA.define_schema().inputs if getattr(i, "default", None) is not None}
+    values.update({name: single(value) for name, value in widgets.items()})
+    samples, conds = training_samples(latents, positive)
+    mixed_sizes = len({tuple(x.shape) for x in samples}) > 1
+    config = train_config(values, mixed_sizes)
+    return single(model), TrainingData(latents=samples, conds=conds), config, values
 
 
 def run_training(model, data: TrainingData, config: TrainConfig, v: dict) -> io.NodeOutput:
