@@ -153,6 +153,7 @@ class TrainCallbacks:
     # (global step, adapters, optimizer state on CPU) every `save_every_steps` before the last step. The
     # adapters are the live ones: save them (`to_state_dict` copies) inside the callback.
     on_checkpoint: Callable[[int, AdapterSet, dict], None] | None = None
+    on_validation: Callable[[int, float], None] | None = None  # (global step, validation loss)
 
 
 @dataclass
@@ -322,9 +323,14 @@ def train(
         if config.offloading:  # after attach: a merge parametrization's weight is streamed too
             offloader = attached.enter_context(BlockOffloader(denoiser.module, device, depth=config.checkpoint_depth))
 
-        if validate:
+        def record_validation() -> None:
             val_history.append((step, validation_loss(denoiser, objective, validation_data, config.validation_samples,
                                                       config.seed, precision, device)))
+            if callbacks.on_validation is not None:
+                callbacks.on_validation(*val_history[-1])
+
+        if validate:
+            record_validation()
 
         while step < total_steps:
             stop = callbacks.should_stop is not None and callbacks.should_stop()
@@ -396,8 +402,7 @@ def train(
             if callbacks.on_step is not None:
                 callbacks.on_step(step, loss_history[-1], lr)
             if validate and (step % config.validation_every_steps == 0 or step == total_steps):
-                val_history.append((step, validation_loss(denoiser, objective, validation_data,
-                                                          config.validation_samples, config.seed, precision, device)))
+                record_validation()
             if callbacks.on_checkpoint is not None and config.save_every_steps and step % config.save_every_steps == 0 \
                     and step < total_steps:
                 callbacks.on_checkpoint(step, adapter_set, cpu_copy(optimizer.state_dict()))
