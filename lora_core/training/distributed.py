@@ -41,6 +41,20 @@ from .plan import MicroBatch
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+def _attempt_store(rank: int, world: int, timeout_s: float) -> dist.Store:
+    """The rendezvous store, its keys kept apart per torchrun restart.
+
+    After a restart torchrun's workers meet in the same store as the attempt before (same
+    MASTER_PORT), and the process group's keys carry no attempt number: gloo would then read the
+    dead workers' addresses ("Connection refused") and the restart fail. A prefix with
+    TORCHELASTIC_RESTART_COUNT gives every attempt its own keys.
+    """
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not hosted_by_agent, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"lora_trainer/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 class ReplicaFailed(TrainingStopped):
     """Another rank (or this one) failed; raised on every rank with the same message."""
 
@@ -73,7 +87,8 @@ class DataParallel:
         backend = backend or ("nccl" if use_cuda else "gloo")
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            dist.init_process_group(backend, store=_attempt_store(rank, world, timeout_s), rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
         return cls(rank, world, local, device)
 
     @property
