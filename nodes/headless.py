@@ -197,15 +197,23 @@ def setup_comfyui(path: Path, comfy_args: str) -> None:
                              "folder that holds ComfyUI's main.py.")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    import comfy.cli_args as cli  # parses no command line: comfy.options.args_parsing is off by default
+    if "comfy.cli_args" in sys.modules:
+        raise UserInputError("ComfyUI was imported before the runner could pass it --comfyui-args: start the runner "
+                             "in a fresh Python process.")
+    # ComfyUI's own parser and its post-processing read the flags, exactly as main.py would.
+    import comfy.options
 
+    argv = sys.argv
+    sys.argv = ["main.py", *shlex.split(comfy_args)]
+    comfy.options.enable_args_parsing(True)
     try:
-        parsed = cli.parser.parse_args(shlex.split(comfy_args))
+        import comfy.cli_args as cli
     except SystemExit as error:
         raise UserInputError(f"--comfyui-args {comfy_args!r} holds a flag ComfyUI does not know (see "
                              "python main.py --help in the ComfyUI folder).") from error
-    for name, value in vars(parsed).items():
-        setattr(cli.args, name, value)
+    finally:
+        sys.argv = argv
+        comfy.options.enable_args_parsing(False)
     import folder_paths  # reads --base-directory and friends on import
     from utils.extra_config import load_extra_path_config
 

@@ -24,7 +24,6 @@ import comfy.model_sampling
 import comfy.sd
 import folder_paths
 
-from ..lora_core.data.paths import is_inside
 from ..lora_core.errors import UserInputError
 from . import comfy_glue as glue
 
@@ -73,9 +72,15 @@ def model_reference(model) -> tuple[dict, dict]:
 
 
 def _name_in_folder(folder: str, path: Path) -> str:
+    """The name ComfyUI's list shows for `path` (symlinked files keep their listed name)."""
     for root in folder_paths.get_folder_paths(folder):
-        if is_inside(Path(root), path):
-            return path.resolve().relative_to(Path(root).resolve()).as_posix()
+        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+        if relative.startswith(".."):
+            continue
+        name = Path(relative).as_posix()
+        listed = folder_paths.get_full_path(folder, name)
+        if listed is not None and os.path.samefile(listed, path):
+            return name
     raise UserInputError(f"The model file {path} is not inside ComfyUI's {folder} folders: move it there (or add "
                          f"its folder in extra_model_paths.yaml) so a job can name it.")
 
