@@ -80,7 +80,8 @@ def single(graph, comfy, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks(graph, comfy, tmp_path_factory):
     job = tmp_path_factory.mktemp("job_copy") / "it_job"
-    shutil.copytree(graph[1], job)  # "copy the folder to the GPU box"
+    # "Copy the exported folder to the GPU box" (the single-process run has marked its copy finished).
+    shutil.copytree(graph[1], job, ignore=shutil.ignore_patterns("run_state.json"))
     out = tmp_path_factory.mktemp("headless_torchrun")
     log = run_headless(comfy, job, out, ranks=2)
     return written_lora(out), log, out
