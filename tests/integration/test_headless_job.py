@@ -19,8 +19,7 @@ from it_helpers import api_node, read_safetensors
 from it_images import write_images
 
 FOLDER = "it_headless"
-TRAIN = {"steps": 4, "batch_size": 2, "learning_rate": 0.01, "rank": 4, "alpha": 4.0, "seed": 3,
-         "training_dtype": "fp32", "lora_dtype": "fp32", "save_every_steps": 2}
+TRAIN = {"steps": 4, "batch_size": 2, "learning_rate": 0.01, "rank": 4, "alpha": 4.0, "seed": 3, "save_every_steps": 2}
 # 2 ranks x 1 sample against 1 process x 2 samples: the same maths, reduced in another order.
 TOLERANCE = dict(rtol=1e-3, atol=1e-4)
 
@@ -39,7 +38,10 @@ def graph(comfy):
         "make": api_node(info, P + "MakeTrainingDataset", images=["images", 0], vae=["ckpt", 2], clip=["ckpt", 1],
                          texts=["images", 1]),
     }
-    inputs = {"model": ["sampling", 0], "latents": ["make", 0], "positive": ["make", 1], **TRAIN}
+    prompt["settings"] = api_node(info, P + "TrainingSettings", lora_dtype="fp32")
+    prompt["memory"] = api_node(info, P + "MemorySettings", training_dtype="fp32")
+    inputs = {"model": ["sampling", 0], "latents": ["make", 0], "positive": ["make", 1], "settings": ["settings", 0],
+              "memory": ["memory", 0], **TRAIN}
     prompt["train"] = api_node(info, P + "TrainLoRA", **inputs)
     prompt["save"] = api_node(info, P + "SaveLoRAWeights", lora=["train", 0], steps=["train", 2],
                               prefix="it/headless_graph")
@@ -107,7 +109,8 @@ def test_torchrun_two_ranks_equal_the_single_process_lora(single, two_ranks):
     assert max(np.abs(v).max() for k, v in one.items() if "lora_up" in k) > 1e-3  # training moved the adapters
     for key in one:
         np.testing.assert_allclose(two[key], one[key], **TOLERANCE, err_msg=key)
-    assert json.loads(metadata["training_settings"])["batch_size"] == TRAIN["batch_size"]
+    settings = json.loads(metadata["training_settings"])
+    assert settings["batch_size"] == TRAIN["batch_size"] and settings["training_dtype"] == "fp32"
     assert "over 2 process(es)" in two_ranks[1]
 
 
