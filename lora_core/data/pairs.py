@@ -322,3 +322,40 @@ def resize_control(control: torch.Tensor, mode: str, target_wh: tuple[int, int])
     if mode == "match_target":
         return cover_crop(control, *size)
     return interpolate(control, *size)
+
+
+# ---- edit model families -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EditFamily:
+    """What one edit model takes: how many controls, at what size, and how its prompt sees them."""
+    label: str                  # as shown in Make Training Dataset
+    key: str                    # recorded in each sample's conditioning, checked against the model in training
+    max_controls: int
+    control_resize: str         # the "family" rule of control_size
+    text_encoding: str          # "plain": text only; "qwen_edit" / "qwen_edit_plus": the prompt also sees the controls
+    model_configs: tuple[str, ...]   # ComfyUI model config names this family loads as
+    tokenizer_hint: str         # part of the text encoder's tokenizer class name
+
+
+EDIT_FAMILIES = {
+    f.label: f for f in (
+        # Kontext and ComfyUI's workflows run the control at the output size: train it so.
+        EditFamily("Flux.1 Kontext", "flux_kontext", 1, "match_target", "plain", ("Flux",), "Flux"),
+        # ComfyUI's TextEncodeQwenImageEdit(Plus) encode references at 1024x1024 pixels, own aspect ratio.
+        EditFamily("Qwen-Image-Edit", "qwen_image_edit", 1, "area_1024", "qwen_edit", ("QwenImage",), "Qwen"),
+        EditFamily("Qwen-Image-Edit-2509 / 2511", "qwen_image_edit_plus", 3, "area_1024", "qwen_edit_plus",
+                   ("QwenImage",), "Qwen"),
+    )
+}
+EDIT_FAMILY_KEY = "lora_trainer_edit_model"   # conditioning key naming the family a sample was made for
+
+
+def edit_family(label: str) -> EditFamily:
+    if label not in EDIT_FAMILIES:
+        raise UserInputError(f"edit model {label!r} is not an option: use one of {', '.join(EDIT_FAMILIES)}.")
+    return EDIT_FAMILIES[label]
+
+
+def family_by_key(key: str) -> EditFamily | None:
+    return next((f for f in EDIT_FAMILIES.values() if f.key == key), None)
