@@ -326,10 +326,11 @@ def _encode_pairs(images: list, controls: list, vae, clip, texts, family, contro
                 f"Image item {first[d]} is a batch of {target.shape[0]} images: with controls, give one image per "
                 f"item (as Load Edit Pairs from Folder does), so each image has its own controls.")
         if control.shape[0] > family.max_controls:
+            hint = "pick the edit_model you train (Qwen-Image-Edit-2509 / 2511 takes up to 3) or " \
+                if family.max_controls < 3 else ""
             raise UserInputError(
                 f"Image {first[d]} has {control.shape[0]} control images, but {family.label} takes "
-                f"{family.max_controls}: pick the edit_model you train (Qwen-Image-Edit-2509 / 2511 takes up to 3) "
-                f"or give fewer controls.")
+                f"{family.max_controls}: {hint}give fewer controls (max_controls in Load Edit Pairs from Folder).")
         if control.shape[0] == 0:
             raise UserInputError(f"Image {first[d]} has an empty control batch: every image needs a control image.")
     count = len(images)

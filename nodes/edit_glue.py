@@ -17,16 +17,24 @@ from ..lora_core.errors import UserInputError
 from .lists import conditioning_entry
 
 
+_OTHER_PLAIN_TOKENIZERS = {"SD1Tokenizer", "SDXLTokenizer", "SD2Tokenizer", "SD3Tokenizer"}
+
+
 def check_text_encoder(clip, family: EditFamily) -> None:
     """Refuse a text encoder of another family (a Qwen prompt needs Qwen2.5-VL to see the controls)."""
     if clip is None:
         raise UserInputError("Make Training Dataset needs a text encoder: connect the CLIP output of your loader.")
     name = type(getattr(clip, "tokenizer", None)).__name__
-    if family.tokenizer_hint.lower() not in name.lower():
+    is_qwen = "qwen" in name.lower()
+    # A Qwen prompt must come from Qwen2.5-VL (it reads the controls); plain-text families only refuse
+    # an encoder that is clearly another family's (custom loaders may wrap the tokenizer under another name).
+    wrong = not is_qwen if family.tokenizer_hint == "Qwen" else (is_qwen or name in _OTHER_PLAIN_TOKENIZERS)
+    if wrong:
+        own = ("Qwen2.5-VL 7B, CLIPLoader type qwen_image" if family.tokenizer_hint == "Qwen"
+               else "clip_l + t5xxl, DualCLIPLoader type flux")
         raise UserInputError(
             f"edit_model is {family.label}, but the text encoder connected is a {name}: connect {family.label}'s "
-            f"own text encoder ({'Qwen2.5-VL 7B, CLIPLoader type qwen_image' if family.tokenizer_hint == 'Qwen' else 'clip_l + t5xxl, DualCLIPLoader type flux'}) "
-            f"or pick the edit_model that matches it.")
+            f"own text encoder ({own}) or pick the edit_model that matches it.")
 
 
 def encode_edit_text(clip, text: str, controls: list[torch.Tensor], family: EditFamily):

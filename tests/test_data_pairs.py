@@ -142,3 +142,34 @@ def test_controls_of_one_target_pad_to_one_size():
     a, b = torch.rand(16, 32, 3), torch.rand(32, 32, 3)
     out = as_one_size([a, b])
     assert [tuple(x.shape) for x in out] == [(16, 32, 3), (16, 32, 3)] and out[0] is a
+
+
+def test_saved_dataset_keeps_each_samples_reference_latents(tmp_path):
+    """An edit-pair dataset (reference latents in each sample's conditioning, as ReferenceLatent puts them) saves
+    and loads bit for bit; the shared caption embedding is stored once, each reference latent once."""
+    from lora_core.data import load_dataset, save_dataset
+    from lora_core.data.pairs import EDIT_FAMILY_KEY
+    from lora_core.data.cond_codec import CondEncoder
+
+    text = torch.randn(1, 7, 32)
+    refs = [[torch.randn(1, 16, 1, 4, 4)], [torch.randn(1, 16, 1, 4, 4), torch.randn(1, 16, 1, 6, 6)]]
+    conds = [[[text, {"reference_latents": r, EDIT_FAMILY_KEY: "qwen_image_edit_plus"}]] for r in refs]
+    latents = [torch.randn(16, 1, 4, 4), torch.randn(16, 1, 4, 4)]
+    save_dataset(tmp_path, "pairs", latents, conds)
+    loaded = load_dataset(tmp_path, "pairs")
+    for original, back in zip(conds, loaded.conds):
+        assert torch.equal(back[0][0], text) and back[0][1][EDIT_FAMILY_KEY] == "qwen_image_edit_plus"
+        assert len(back[0][1]["reference_latents"]) == len(original[0][1]["reference_latents"])
+        assert all(torch.equal(a, b) for a, b in zip(back[0][1]["reference_latents"], original[0][1]["reference_latents"]))
+    encoder = CondEncoder()
+    for i, c in enumerate(conds):
+        encoder.encode(c, f"sample {i}")
+    assert len(encoder.tensors) == 4   # one text embedding + three reference latents
+
+
+def test_edit_families():
+    from lora_core.data.pairs import EDIT_FAMILIES, edit_family, family_by_key
+    assert [f.max_controls for f in EDIT_FAMILIES.values()] == [1, 1, 3]
+    assert family_by_key("flux_kontext").model_configs == ("Flux",)
+    with pytest.raises(UserInputError, match="Flux.1 Kontext"):
+        edit_family("SDXL")

@@ -89,7 +89,9 @@ def test_bad_inputs_name_the_family(results, family):
     label = LABELS[family]
     assert f"made for {label}" in e["model_of_other_family"] and "SD15" in e["model_of_other_family"]
     assert e["model_without_references"].startswith("SD15 takes no reference images")
-    assert "4 control images" in e["too_many_controls"] and label in e["too_many_controls"]
+    assert e["wrong_text_encoder"].startswith(f"edit_model is {label}, but the text encoder connected is a SD1Tokenizer")
+    controls = 2 if family == "qwen_edit_plus" else 1
+    assert f"has {4 * controls} control images, but {label} takes" in e["too_many_controls"], e["too_many_controls"]
 
 
 def test_example_runs_in_process(results):
