@@ -421,6 +421,10 @@ def error_checks(model, latents, conds, images, controls, vae, clip, texts, labe
     too_many = [torch.cat([c] * 4) for c in controls]
     messages["too_many_controls"] = message(
         lambda: MakeTrainingDataset.execute(images, [vae], [clip], texts, too_many, [label], ["match_target"]))
+    import comfy.sd1_clip
+    sd_clip = StandInClip(comfy.sd1_clip.SD1Tokenizer(), None)
+    messages["wrong_text_encoder"] = message(
+        lambda: MakeTrainingDataset.execute(images, [vae], [sd_clip], texts, controls, [label], ["match_target"]))
     return messages
 
 

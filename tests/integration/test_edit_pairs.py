@@ -103,3 +103,41 @@ def test_example_runs_in_process(results):
                           "LoRATrainer_PlotLossGraph", "LoRATrainer_SaveLoRAWeights", "LoRATrainer_TrainLoRA"]
     assert r["saved"] == ["my_edit_lora_2_steps_00001_.safetensors"]
     assert r["unloaded_keys"] == [] and r["patched"] > 0
+
+
+# ---- bad input through a real server: lora_09_edit_pairs as shipped, with the tiny SD1.5 files ---------
+
+def _pairs(folder: Path, names_sizes: list[tuple[str, tuple[int, int]]]) -> None:
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (name, size) in enumerate(names_sizes):
+        Image.new("RGB", size, (40 * i % 256, 90, 200)).save(folder / name)
+
+
+def _edit_error(comfy, folder: str, **per_class) -> str:
+    from it_helpers import example_prompt
+    from test_errors import run_expecting_error
+    prompt = example_prompt("lora_09_edit_pairs", comfy.object_info(), CLIPLoader={"type": "stable_diffusion"},
+                            LoadEditPairsDataset={"folder": folder, "resize": "none"}, **per_class)
+    return run_expecting_error(comfy, prompt)
+
+
+def test_missing_pairs_are_named(comfy):
+    _pairs(comfy.input_dir / "it_pairs_missing", [("a.png", (64, 64)), ("a_control.png", (64, 64)),
+                                                  ("b.png", (64, 64)), ("c_control.png", (64, 64))])
+    message = _edit_error(comfy, "it_pairs_missing")
+    assert "it_pairs_missing/b.png" in message and "no control image" in message, message
+    assert "it_pairs_missing/c_control.png" in message and "no target image" in message, message
+    assert "a.png" not in message.replace("_control", ""), message
+
+
+def test_very_different_aspect_ratios_are_named(comfy):
+    _pairs(comfy.input_dir / "it_pairs_aspect", [("wide.png", (128, 64)), ("wide_control.png", (64, 128))])
+    message = _edit_error(comfy, "it_pairs_aspect")
+    assert "wide.png 128x64 vs it_pairs_aspect/wide_control.png 64x128" in message, message
+
+
+def test_text_encoder_of_another_family_is_refused(comfy):
+    _pairs(comfy.input_dir / "it_pairs_ok", [("a.png", (64, 64)), ("a_control.png", (64, 64))])
+    message = _edit_error(comfy, "it_pairs_ok")
+    assert "edit_model is Qwen-Image-Edit, but the text encoder connected is a SD1Tokenizer" in message, message
