@@ -10,8 +10,10 @@ forward + backward, without touching the model's source:
 1. Augmented assignments run out of place. `x += y` (also -=, *=, /=, **=) on a tensor taking
    part in autograd (grad mode on and `x` or `y` requiring grad) returns `x + y` instead of
    writing into `x`; the code rebinds its name to the result, so nothing is saved twice and no
-   copy is made. Only for non-view tensors whose result keeps `x`'s shape (a view's writes must
-   reach its base); the rest stays in place and falls to (2). Tensor's in-place dunders are
+   copy is made. Not for a view whose base someone still holds (its writes must reach the base),
+   nor when the result would not keep `x`'s shape: those stay in place and fall to (2). (Code
+   that reads `x` through another name or a view made earlier would see the difference; the
+   family gradient checks are what proves a model is not such code.) Tensor's in-place dunders are
    process-global, so the patched ones act only on a thread whose torch-function mode stack holds
    an active session (that stack also travels into autograd's backward threads): other threads,
    and everything after the run, get the original in-place behaviour.
@@ -29,7 +31,7 @@ forward + backward, without touching the model's source:
    replaced by an alias registered with (2), and a write into its memory re-points that alias at
    a copy, so the recompute keeps the values its first forward saw.
 4. Ops without an autograd formula (fused custom kernels): `reference_ops` maps such an op to a
-   plain-torch implementation, called instead while autograd needs the op's gradient.
+   plain-torch implementation of the same function, called instead inside the session.
 
 Safety net: a saved tensor that changed without a copy (a write the mode could not see, e.g.
 inside a C++ extension) raises at backward, as autograd would without us.
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping
@@ -73,21 +76,74 @@ _NOT_WRITES = frozenset(("requires_grad_", "share_memory_", "retain_grad_", "pin
 # ---------------------------------------------------------------------------------------------
 
 
-def _extent(tensor: torch.Tensor) -> tuple[int, int, int] | None:
-    """(storage identity, first byte, end byte) of the memory `tensor` can read or write; None for
-    tensors without a plain storage (meta, wrapper subclasses) and empty ones."""
+class _Extent:
+    """The memory a tensor covers: storage identity, element layout and byte bounds."""
+
+    __slots__ = ("key", "item", "offset", "sizes", "strides", "start", "end")
+
+    def __init__(self, key, item, offset, sizes, strides):
+        self.key, self.item, self.offset, self.sizes, self.strides = key, item, offset, sizes, strides
+        last = offset
+        for length, stride in zip(sizes, strides):
+            last += (length - 1) * stride
+        self.start, self.end = offset * item, (last + 1) * item
+
+    def overlaps(self, other: "_Extent") -> bool:
+        if self.start >= other.end or other.start >= self.end:
+            return False
+        if self.item != other.item:
+            return True
+        boxes = _boxes(self, other)
+        if boxes is None:
+            return True  # layouts not comparable: assume the worst (a needless copy at most)
+        return all(a0 < b1 and b0 < a1 for (a0, a1), (b0, b1) in zip(*boxes))
+
+
+def _box(extent: _Extent, strides: list[int]):
+    """Index ranges of `extent` along `strides` (descending), or None if its offsets would wrap
+    from one stride's rows into the next (then the ranges do not describe its elements)."""
+    length_of = {}
+    for size, stride in zip(extent.sizes, extent.strides):
+        if size > 1:
+            length_of[stride] = size
+    remainder, ranges = extent.offset, []
+    for stride in strides:
+        first = remainder // stride
+        remainder -= first * stride
+        ranges.append((first, first + length_of.get(stride, 1)))
+    reach = 0
+    for index in range(len(strides) - 1, 0, -1):
+        first, stop = ranges[index]
+        reach += (stop - 1) * strides[index]
+        if reach >= strides[index - 1]:
+            return None
+    return ranges
+
+
+def _boxes(a: _Extent, b: _Extent):
+    """Both extents as boxes in one coordinate system (the union of their strides), or None."""
+    used = [st for sz, st in zip(a.sizes, a.strides) if sz > 1] + [st for sz, st in zip(b.sizes, b.strides) if sz > 1]
+    if any(st <= 0 for st in used) or len(set(st for sz, st in zip(a.sizes, a.strides) if sz > 1)) < sum(
+            1 for sz in a.sizes if sz > 1) or len(set(st for sz, st in zip(b.sizes, b.strides) if sz > 1)) < sum(
+            1 for sz in b.sizes if sz > 1):
+        return None  # broadcast (stride 0) or repeated strides
+    strides = sorted(set(used) | {1}, reverse=True)
+    box_a, box_b = _box(a, strides), _box(b, strides)
+    if box_a is None or box_b is None:
+        return None
+    return box_a, box_b
+
+
+def _extent(tensor: torch.Tensor) -> _Extent | None:
+    """The memory `tensor` can read or write; None for tensors without a plain storage (meta,
+    wrapper subclasses) and empty ones."""
     try:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
+        key = tensor.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError, TypeError, AttributeError):
         return None
     if key == 0 or tensor.numel() == 0:
         return None
-    size = tensor.element_size()
-    last = tensor.storage_offset()
-    for length, stride in zip(tensor.shape, tensor.stride()):
-        last += (length - 1) * stride
-    return key, tensor.storage_offset() * size, (last + 1) * size
+    return _Extent(key, tensor.element_size(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
 
 
 class _Saved:
@@ -103,12 +159,12 @@ class _Saved:
 
 
 class _Held:
-    """A registry entry: a weak reference to what holds saved memory, and which bytes."""
+    """A registry entry: a weak reference to what holds saved memory, and which memory."""
 
-    __slots__ = ("ref", "start", "end", "alias")
+    __slots__ = ("ref", "extent", "alias")
 
-    def __init__(self, ref, start: int, end: int, alias: bool):
-        self.ref, self.start, self.end, self.alias = ref, start, end, alias
+    def __init__(self, ref, extent: _Extent, alias: bool):
+        self.ref, self.extent, self.alias = ref, extent, alias
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +199,16 @@ def _writes_first_argument(func) -> bool:
     return kind
 
 
+_SETITEM = torch.Tensor.__setitem__
+
+
+def _basic_index(index) -> bool:
+    """Slices, integers, None and Ellipsis only: indexing with it gives a view of what is written."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(item is None or item is Ellipsis or isinstance(item, (slice, int)) and not isinstance(item, bool)
+               for item in items)
+
+
 def _tensors_in(value):
     if isinstance(value, torch.Tensor):
         yield value
@@ -155,8 +221,9 @@ def _tensors_in(value):
 class AutogradSafety:
     """Context manager for one forward + backward of model code that writes in place.
 
-    `reference_ops`: {op: function} for ops with no autograd formula; while grad mode is on and an
-    argument requires grad, `function(*args, **kwargs)` runs instead of `op`.
+    `reference_ops`: {op: function} for ops with no autograd formula; inside the session
+    `function(*args, **kwargs)` runs instead of `op` (always, so a run computes one function, with
+    or without gradients).
     `out_of_place_augmented=False` leaves `x += y` in place (then copy-on-write alone keeps the
     gradients right, at the price of one copy per such write into saved memory).
     Counters (`copies`, `copied_bytes`, `out_of_place`, `rerouted`) say what the run cost.
@@ -202,7 +269,7 @@ class AutogradSafety:
         saved = _Saved(tensor.detach(), tensor._version)
         extent = _extent(tensor)
         if extent is not None:
-            self._hold(extent, weakref.ref(saved, self._forget(extent[0])), alias=False)
+            self._hold(extent, weakref.ref(saved, self._forget(extent.key)), alias=False)
         return saved
 
     @staticmethod
@@ -216,9 +283,8 @@ class AutogradSafety:
             )
         return saved.tensor
 
-    def _hold(self, extent: tuple[int, int, int], ref, alias: bool) -> None:
-        key, start, end = extent
-        self._held.setdefault(key, {})[id(ref)] = _Held(ref, start, end, alias)
+    def _hold(self, extent: _Extent, ref, alias: bool) -> None:
+        self._held.setdefault(extent.key, {})[id(ref)] = _Held(ref, extent, alias)
 
     def _forget(self, key: int) -> Callable:
         held = self._held
@@ -237,19 +303,22 @@ class AutogradSafety:
         alias = tensor.detach()
         extent = _extent(tensor)
         if extent is not None:
-            self._hold(extent, weakref.ref(alias, self._forget(extent[0])), alias=True)
+            self._hold(extent, weakref.ref(alias, self._forget(extent.key)), alias=True)
         return alias
 
     # -- every torch call ------------------------------------------------------------------------
     def _call(self, func, args, kwargs):
         if self.reference_ops:
             reference = self.reference_ops.get(func)
-            if reference is not None and torch.is_grad_enabled() and _any_requires_grad(args, kwargs):
+            if reference is not None:
                 self.rerouted += 1
                 return reference(*args, **kwargs)
         targets = None
         if _writes_first_argument(func) and args:
-            targets = list(_tensors_in(args[0]))
+            if func is _SETITEM and len(args) > 1 and _basic_index(args[1]):
+                targets = [args[0][args[1]]]  # the view written (a view op: cheap, exact)
+            else:
+                targets = list(_tensors_in(args[0]))
         if kwargs:
             if kwargs.get("inplace") is True and args and isinstance(args[0], torch.Tensor):
                 targets = (targets or []) + [args[0]]
@@ -272,7 +341,7 @@ class AutogradSafety:
             extent = _extent(target)
             if extent is None:
                 continue
-            key, start, end = extent
+            key = extent.key
             entries = self._held.get(key)
             if not entries:
                 continue
@@ -280,7 +349,7 @@ class AutogradSafety:
                 holder = entry.ref()
                 if holder is None:
                     continue
-                if entry.start < end and start < entry.end:
+                if entry.extent.overlaps(extent):
                     self._copy(holder, entry.alias)
                     entries.pop(entry_id, None)
                 elif not entry.alias:
@@ -307,7 +376,7 @@ class AutogradSafety:
             return None
         if not (tensor.requires_grad or (isinstance(other, torch.Tensor) and other.requires_grad)):
             return None
-        if tensor._is_view() or type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
+        if type(tensor) is not torch.Tensor or (tensor._is_view() and _base_references(tensor) > _UNREFERENCED_BASE):
             return None
         result = _AUGMENTED[name](tensor, other)
         if not isinstance(result, torch.Tensor) or result.shape != tensor.shape:
@@ -318,12 +387,21 @@ class AutogradSafety:
         return result
 
 
-def _any_requires_grad(args, kwargs) -> bool:
-    for value in (*args, *kwargs.values()):
-        for tensor in _tensors_in(value):
-            if tensor.requires_grad:
-                return True
-    return False
+def _base_references(view: torch.Tensor) -> int:
+    return sys.getrefcount(view._base)
+
+
+def _unreferenced_base_count() -> int:
+    base = torch.zeros(2)
+    view = base[:1]
+    del base
+    return _base_references(view)
+
+
+# A view's writes must reach its base when someone still holds the base (`v = img[:, :n]; v += a`).
+# A base nobody holds in Python (a Linear's 2-D output behind its 3-D view) cannot be read again,
+# so the view may be rebound out of place. Calibrated once: the count differs between Pythons.
+_UNREFERENCED_BASE = _unreferenced_base_count()
 
 
 def active_session() -> AutogradSafety | None:

@@ -440,8 +440,10 @@ def run_example(name: str, substitutes: dict, overrides: dict):
     from lora_trainer_pack.nodes.dataset_nodes import NODES as DATASET_NODES
     from lora_trainer_pack.nodes.lora_nodes import NODES as LORA_NODES
     from lora_trainer_pack.nodes.training_nodes import NODES as TRAINING_NODES
+    from lora_trainer_pack.nodes.training_settings import NODES as SETTINGS_NODES
 
-    classes = {cls.GET_SCHEMA().node_id: cls for cls in (*DATASET_NODES, *LORA_NODES, *TRAINING_NODES)}
+    classes = {cls.GET_SCHEMA().node_id: cls for cls in (*DATASET_NODES, *LORA_NODES, *TRAINING_NODES,
+                                                          *SETTINGS_NODES)}
     workflow = json.loads((pack_root / "example_workflows" / f"{name}.json").read_text())
     links = {link[0]: link for link in workflow["links"]}
     done: dict[int, tuple[tuple, list[bool]]] = {}
