@@ -100,7 +100,8 @@ def test_example_runs_in_process(results):
     ComfyUI's core loader with every key applied."""
     r = results["example"]
     assert r["nodes"] == ["LoRATrainer_LoadEditPairsDataset", "LoRATrainer_MakeTrainingDataset",
-                          "LoRATrainer_PlotLossGraph", "LoRATrainer_SaveLoRAWeights", "LoRATrainer_TrainLoRA"]
+                          "LoRATrainer_MemorySettings", "LoRATrainer_PlotLossGraph", "LoRATrainer_SaveLoRAWeights",
+                          "LoRATrainer_TrainLoRA"]
     assert r["saved"] == ["my_edit_lora_2_steps_00001_.safetensors"]
     assert r["unloaded_keys"] == [] and r["patched"] > 0
 
