@@ -248,9 +248,11 @@ class TrainLoRA(io.ComfyNode):
                                        "1 = off."),
                 io.Combo.Input("target_preset", options=list(PRESETS) + ["none"], default="all",
                                optional=True, advanced=True,
-                               tooltip="Which layers get adapters: all Linear/Conv layers (default; what ComfyUI's "
-                                       "trainer adapts too), attention + MLP only (smaller, a little faster), "
-                                       "attention only, or none (only include_patterns)."),
+                               tooltip="Which layers get adapters: all = every Linear/Conv inside the model's "
+                                       "blocks (default; transformers: attention + MLP, UNets: + res-block convs), "
+                                       "attention + MLP only, attention only, or none (only include_patterns). "
+                                       "Embedders, final layers and modulation (adaLN) never train unless named "
+                                       "in include_patterns (as musubi-tuner / ai-toolkit do)."),
                 io.String.Input("include_patterns", default="", optional=True, advanced=True,
                                 tooltip="Extra layers: regular expressions on module names, comma or newline "
                                         "separated, e.g. 'proj_in, time_embed'."),
