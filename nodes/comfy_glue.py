@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import comfy.model_base
 import comfy.model_management
+import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
@@ -49,6 +51,9 @@ log = logging.getLogger(__name__)
 
 # Keep t strictly inside (0, 1): percent_to_sigma(0) is "infinite" noise for discrete models.
 _PERCENT_EPS = 1e-5
+# Flux.1's resolution-dependent shift: mu from 0.5 at 256 image tokens to 1.15 at 4096 (ComfyUI's
+# ModelSamplingFlux node defaults, the values of the Flux reference code).
+FLUX_BASE_SHIFT, FLUX_MAX_SHIFT = 0.5, 1.15
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,10 +77,26 @@ class ComfyDenoiser:
         self._encoded: dict[tuple, tuple[object, dict]] = {}
 
     # -- noise levels -------------------------------------------------------------------------
-    def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
+    def sigma_at(self, t: torch.Tensor, latent_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         percents = (1.0 - t.detach().float().flatten().cpu()).clamp(_PERCENT_EPS, 1.0 - _PERCENT_EPS)
-        sigmas = [float(self.sampling.percent_to_sigma(float(p))) for p in percents]
+        mu = self._resolution_shift(latent_shape)
+        if mu is not None:
+            sigmas = [comfy.model_sampling.flux_time_shift(mu, 1.0, 1.0 - float(p)) for p in percents]
+        else:
+            sigmas = [float(self.sampling.percent_to_sigma(float(p))) for p in percents]
         return torch.tensor(sigmas, dtype=torch.float32, device=t.device)
+
+    def _resolution_shift(self, latent_shape: tuple[int, ...] | None) -> float | None:
+        """Flux.1 dev's shift for this image size (mu of ComfyUI's ModelSamplingFlux node, the schedule
+        Flux was trained with and what ai-toolkit / musubi-tuner train it with); None for every other
+        model, and when a model-sampling node already set the shift (the user's choice wins)."""
+        if (latent_shape is None or len(latent_shape) < 2 or type(self.base) is not comfy.model_base.Flux
+                or not isinstance(self.sampling, comfy.model_sampling.ModelSamplingFlux)
+                or "model_sampling" in self.patcher.object_patches):
+            return None
+        tokens = latent_shape[-2] * latent_shape[-1] / 4  # 2x2 latent patches
+        slope = (FLUX_MAX_SHIFT - FLUX_BASE_SHIFT) / (4096 - 256)
+        return FLUX_BASE_SHIFT + slope * (tokens - 256)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = sigma.to(device=x0.device, dtype=torch.float32).flatten()

@@ -119,7 +119,7 @@ class Objective:
     def loss_at(self, denoiser: Denoiser, x0: Tensor, conds: list, t: Tensor, noise: Tensor) -> Tensor:
         """Per-sample loss [B] at given timesteps and noise (validation uses a fixed grid)."""
         x0 = x0.float()
-        sigma = denoiser.sigma_at(t)
+        sigma = denoiser.sigma_at(t, tuple(x0.shape))
         x_t = denoiser.add_noise(x0, noise.float(), sigma)
         denoised = denoiser.denoise(x_t, sigma, conds).float()
         if self.config.target == "x0":
