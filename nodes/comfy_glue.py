@@ -217,7 +217,10 @@ def _called_by_name(function: Callable, names: list[str]) -> Callable:
 
 def _prediction_name(base) -> str:
     name = getattr(base.model_type, "name", str(base.model_type)).lower()
-    return {"eps": "eps", "v_prediction": "v", "flow": "flow", "edm": "edm"}.get(name, name)
+    # FLUX (Flux, Chroma, Qwen-Image, LTX) and FLOW_COSMOS are flow matching too: the network
+    # predicts the velocity noise - x0, like FLOW; they differ only in how sigma is spaced / scaled.
+    return {"eps": "eps", "v_prediction": "v", "flow": "flow", "flux": "flow", "flow_cosmos": "flow",
+            "edm": "edm"}.get(name, name)
 
 
 def _per_sample_vector(values, sigma: torch.Tensor) -> torch.Tensor:
@@ -302,6 +305,49 @@ def _make_autograd_safe(model: torch.nn.Module) -> None:
 def base_model_name(model) -> str:
     """e.g. "SD15", "SDXL", "Flux": ComfyUI's model config class name."""
     return type(model.model.model_config).__name__
+
+
+# Families the family matrix (tests/integration/test_family_matrix.py) trains, for messages.
+TESTED_FAMILIES = ("Flux.1 dev / schnell, Chroma, Flux.2, SDXL, SD1.5, SD2.x (v), SD3.5, Qwen-Image, Z-Image, "
+                   "Wan 2.1 T2V / I2V, Wan 2.2 5B and 14B, HunyuanVideo 1.5, LTX-Video, HiDream, "
+                   "Cosmos Predict2, Kandinsky 5, AuraFlow")
+_AUDIO = "an audio model: the trainer takes image and video latents only"
+_THREE_D = "a 3D-asset model: the trainer takes image and video latents only"
+_NOT_DIFFUSION = "not a diffusion model, so there is nothing to denoise"
+_PACKED = "audio and video latents travel packed in one tensor, which the trainer does not split yet"
+# ComfyUI model config class -> why Train LoRA cannot train it.
+UNSUPPORTED_FAMILIES = {
+    "StableAudio": _AUDIO, "StableAudio3": _AUDIO, "ACEStep": _AUDIO, "ACEStep15": _AUDIO,
+    "MiniMaxMusic3": _AUDIO, "LTXAV": _PACKED, "MiniMaxH3": _PACKED,
+    "Hunyuan3Dv2": _THREE_D, "Hunyuan3Dv2_1": _THREE_D, "Hunyuan3Dv2mini": _THREE_D, "Trellis2": _THREE_D,
+    "TripoSplat": _THREE_D,
+    "SAM3": _NOT_DIFFUSION, "SAM31": _NOT_DIFFUSION, "RT_DETR_v4": _NOT_DIFFUSION, "DepthAnything3": _NOT_DIFFUSION,
+}
+# Model types whose sampling does not start from noise (image-to-image predictors).
+_NO_NOISE_TYPES = ("IMG_TO_IMG", "IMG_TO_IMG_FLOW")
+
+
+def check_trainable(model) -> None:
+    """Refuse, naming the family, a model Train LoRA cannot train: before anything is loaded, so
+    the user sees why instead of a traceback from inside the model."""
+    inner = getattr(model, "model", None)
+    config = getattr(inner, "model_config", None)
+    if inner is None or config is None:
+        raise UserInputError(
+            f"The model input is a {type(model).__name__}, not a diffusion model: connect the MODEL output of a "
+            "checkpoint or diffusion-model loader.")
+    family = type(config).__name__
+    reason = UNSUPPORTED_FAMILIES.get(family)
+    model_type = getattr(getattr(inner, "model_type", None), "name", "")
+    if reason is None and model_type in _NO_NOISE_TYPES:
+        reason = f"its model type {model_type} predicts from an image, not from noise"
+    if reason is None and not all(hasattr(getattr(inner, "model_sampling", None), name)
+                                  for name in ("percent_to_sigma", "noise_scaling", "calculate_denoised")):
+        reason = "its noise schedule is not one ComfyUI samples with (no model_sampling)"
+    if reason is not None:
+        raise UserInputError(
+            f"Train LoRA cannot train this model: it is ComfyUI's {family} family, {reason}. "
+            f"Families it trains: {TESTED_FAMILIES}.")
 
 
 # --------------------------------------------------------------------------------------------

@@ -84,6 +84,8 @@ def train_config(v: dict, mixed_sizes: bool) -> TrainConfig:
             min_snr_gamma=v["min_snr_gamma"],
             loss_function=LOSS_LABELS.get(v["loss_function"], v["loss_function"]),
             noise_offset=v["noise_offset"],
+            min_noise_level=v["min_noise_level"],
+            max_noise_level=v["max_noise_level"],
         ),
         adapter=AdapterSpec(
             algorithm=ALGORITHM_LABELS.get(v["algorithm"], v["algorithm"]),
@@ -283,6 +285,16 @@ class TrainLoRA(io.ComfyNode):
                                        "to the size of the model's weights and at most half the free memory, and "
                                        "only the rest is recomputed. all_blocks: recompute every block (least "
                                        "memory, slowest). With offloading every block is recomputed."),
+                io.Float.Input("min_noise_level", default=0.0, min=0.0, max=1.0, step=0.001, optional=True,
+                               advanced=True,
+                               tooltip="Train only at noise levels from this one up (0 = from clean; noise level "
+                                       "= sigma / the model's largest sigma, for flow models sigma itself, "
+                                       "musubi-tuner's timestep / 1000). Wan 2.2 14B high-noise expert: 0.875 "
+                                       "(T2V) or 0.9 (I2V), with max_noise_level 1."),
+                io.Float.Input("max_noise_level", default=1.0, min=0.0, max=1.0, step=0.001, optional=True,
+                               advanced=True,
+                               tooltip="Train only at noise levels up to this one (1 = pure noise). Wan 2.2 14B "
+                                       "low-noise expert: 0.875 (T2V) or 0.9 (I2V), with min_noise_level 0."),
             ],
             outputs=[
                 LORA_MODEL.Output(display_name="lora", tooltip="The trained LoRA weights (with metadata)."),
@@ -297,6 +309,7 @@ class TrainLoRA(io.ComfyNode):
         values = {i.id: i.default for i in cls.define_schema().inputs if getattr(i, "default", None) is not None}
         values.update({name: single(value) for name, value in widgets.items()})
         model = single(model)
+        glue.check_trainable(model)  # before the dataset is read: audio / 3D latents would fail there
         samples, conds = training_samples(latents, positive)
         mixed_sizes = len({tuple(x.shape) for x in samples}) > 1
         config = train_config(values, mixed_sizes)
@@ -305,6 +318,7 @@ class TrainLoRA(io.ComfyNode):
 
 
 def run_training(model, data: TrainingData, config: TrainConfig, v: dict) -> io.NodeOutput:
+    glue.check_trainable(model)  # first: a family we cannot train is named before anything loads
     base_model = glue.base_model_name(model)
     checkpoints = CheckpointWriter(config, v, base_model)
     fp8_backward = glue.low_vram_check(model, config, v["quantized_backward"]).fp8_backward

@@ -185,7 +185,7 @@ def test_trains_fp8_bypass(pack, family):
 def _expected_sigma(family, t: float, latent_hw) -> float:
     if family.resolution_shift:
         return fm.flux_sigma(t, fm.flux_resolution_shift(latent_hw))
-    s = family.shift
+    s = math.exp(family.shift) if family.shift_is_mu else family.shift
     return s * t / (1 + (s - 1) * t)
 
 
@@ -201,12 +201,14 @@ def test_native_objective_and_shift(pack, family):
         x_t = denoiser.add_noise(x0, noise, sigma)
         c_skip, c_out = (c.view(-1, *[1] * (x0.ndim - 1)) for c in denoiser.output_coefficients(sigma))
         target = (x0 - c_skip * x_t) / c_out
-        if family.objective in ("flow", "flow_cosmos"):
-            if family.objective == "flow":
+        if family.objective == "flow":
+            s = sigma.view(-1, *[1] * (x0.ndim - 1))
+            if family.shift is not None or family.resolution_shift:
                 for i, ti in enumerate(t.tolist()):
                     assert sigma[i].item() == pytest.approx(_expected_sigma(family, ti, x0.shape[-2:]), rel=1e-4)
-            s = sigma.view(-1, *[1] * (x0.ndim - 1))
-            assert torch.allclose(x_t, (1 - s) * x0 + s * noise, atol=1e-5)
+                assert torch.allclose(x_t, (1 - s) * x0 + s * noise, atol=1e-5)
+            else:  # Cosmos: EDM sigmas; the model sees x_t / (sigma + 1), the flow point at sigma / (sigma + 1)
+                assert torch.allclose(x_t, x0 + s * noise, atol=1e-4)
             assert torch.allclose(target, noise - x0, atol=1e-4)  # the flow velocity
         elif family.objective == "eps":
             assert torch.allclose(target, noise, atol=1e-4)
@@ -241,29 +243,29 @@ def _sgd_gradient(pack, family, patcher, start: dict, name: str, steps: int, **w
     return {k: start[k].double() - lora[k].double() for k in start if not k.endswith(".alpha")}
 
 
-def _first_step_draws(pack, family, denoiser):
+def _first_step_draws(pack, family, denoiser, dtype):
     latents, positive = dataset(family)
     samples = [x["samples"][0] for x in latents]
     plan = pack.plan.BatchPlan([s.shape for s in samples], [1.0] * len(samples), 1, 0)
     batch = next(plan.micro_batches(start=0))
     objective = pack.objectives.Objective(pack.objectives.ObjectiveConfig())
-    x0 = denoiser.prepare_latents(torch.stack([samples[i] for i in batch.indices]).double())
+    x0 = denoiser.prepare_latents(torch.stack([samples[i] for i in batch.indices]).to(dtype))
     t, noise = pack.loop._draws(objective, batch, x0, 0)
-    return objective, x0, [positive[i] for i in batch.indices], t, noise.double()
+    return objective, x0, [positive[i] for i in batch.indices], t, noise.to(dtype)
 
 
-def _finite_difference(pack, family, w64, start, directions, h=0.1) -> list[float]:
+def _finite_difference(pack, family, w64, start, directions, dtype, h=0.1) -> list[float]:
     """d/dh L(start + h * direction) at h = 0 by central differences at h and h/2, combined
     (Richardson) so the error is O(h^4). The model runs in float64, but ComfyUI hands its output
     back as float32, so the loss carries float32 rounding: steps this size keep that below 1e-4."""
-    patcher = fm.build_patcher(family, w64, dtype=torch.float64)
+    patcher = fm.build_patcher(family, w64, dtype=dtype)
     values = []
     with pack.glue.training_session(patcher, offloading=False) as denoiser, torch.no_grad():
-        objective, x0, conds, t, noise = _first_step_draws(pack, family, denoiser)
+        objective, x0, conds, t, noise = _first_step_draws(pack, family, denoiser, dtype)
 
         def loss(step: float, direction) -> float:
             state = {k: (v.double() + step * direction[k]) if k in direction else v for k, v in start.items()}
-            adapters = pack.adapter_set.AdapterSet.from_state_dict(state, denoiser.module).to(torch.float64)
+            adapters = pack.adapter_set.AdapterSet.from_state_dict(state, denoiser.module).to(dtype)
             with pack.attach.attach_bypass(denoiser.module, adapters):
                 return objective.loss_at(denoiser, x0, conds, t, noise).double().sum().item()
 
@@ -274,34 +276,44 @@ def _finite_difference(pack, family, w64, start, directions, h=0.1) -> list[floa
     return values
 
 
+# Finite differences in float64 (the model's output comes back as float32, and some families run
+# RoPE in float32) agree with the gradient to about 1e-3; Cosmos's fused RoPE kernel has no float64
+# version, so its check runs in float32. Every checkpointing mode must equal the unchecked run to
+# float rounding, a far tighter test of what checkpointing could get wrong.
+FD_RTOL = {torch.float64: 1e-2, torch.float32: 5e-2}
+
+
 @pytest.mark.parametrize("family", families())
 def test_gradients_match_finite_differences_in_every_checkpointing_mode(pack, family):
-    w64 = {k: v.double() for k, v in weights(family).items()}
-    probe = fm.build_patcher(family, w64, dtype=torch.float64)
+    dtype = family.gradient_dtype
+    w64 = {k: v.to(dtype) for k, v in weights(family).items()}
+    probe = fm.build_patcher(family, w64, dtype=dtype)
     start = _random_lora(pack, probe.model.diffusion_model, seed=11)
     name = f"grad_start_{family.name}.safetensors"
     pack.files.save_lora(pack.loras / name, start, {})
     folder_paths.filename_list_cache.pop("loras", None)
 
-    grads = {mode: _sgd_gradient(pack, family, fm.build_patcher(family, w64, dtype=torch.float64), start, name, 1,
+    grads = {mode: _sgd_gradient(pack, family, fm.build_patcher(family, w64, dtype=dtype), start, name, 1,
                                  **widgets) for mode, widgets in GRADIENT_MODES.items()}
     g = torch.Generator().manual_seed(3)
     # Random directions on the scale of the LoRA's own values (0.05), so h = 0.1 moves it by 10%.
     directions = [{k: torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.05 for k, v in grads["off"].items()}
                   for _ in range(2)]
-    reference = _finite_difference(pack, family, w64, start, directions)
+    reference = _finite_difference(pack, family, w64, start, directions, dtype)
     scale = max(abs(r) for r in reference)
     assert scale > 0, "zero gradient: the check would prove nothing"
     for mode, grad in grads.items():
         analytic = [sum((grad[k] * d[k]).sum().item() for k in d) for d in directions]
+        print(f"\n[family] {family.name} gradient {mode}: analytic {analytic} finite differences {reference}")
         for a, r in zip(analytic, reference):
-            assert a == pytest.approx(r, rel=2e-3, abs=2e-3 * scale), f"{family.name} {mode}: {analytic} vs {reference}"
+            assert a == pytest.approx(r, rel=FD_RTOL[dtype], abs=FD_RTOL[dtype] * scale), \
+                f"{family.name} {mode}: {analytic} vs {reference}"
         worst = max((grad[k] - grads["off"][k]).abs().max().item() for k in grad)
         largest = max(v.abs().max().item() for v in grads["off"].values())
         assert worst <= 1e-5 * largest, f"{family.name} {mode}: differs from unchecked by {worst:.3e} (max {largest:.3e})"
 
     # A second step: `auto` keeps some blocks' activations after its measuring step.
-    two = {mode: _sgd_gradient(pack, family, fm.build_patcher(family, w64, dtype=torch.float64), start, name, 2,
+    two = {mode: _sgd_gradient(pack, family, fm.build_patcher(family, w64, dtype=dtype), start, name, 2,
                                **GRADIENT_MODES[mode]) for mode in ("off", "auto")}
     worst = max((two["auto"][k] - two["off"][k]).abs().max().item() for k in two["off"])
     largest = max(v.abs().max().item() for v in two["off"].values())
@@ -399,3 +411,55 @@ def test_resume_continues(pack, family):
     # N steps then M more equals N + M in one go (same seed: same samples, noise and timesteps).
     assert second["val_loss"][-1] == pytest.approx(whole["val_loss"][-1], rel=1e-3)
     assert second["val_loss"][0] == pytest.approx(first["val_loss"][-1], rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# A family the pack cannot train
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config_class, unet_config, latent", [
+    ("StableAudio", {"audio_model": "dit1.0"}, (1, 64, 215)),
+    ("SAM3", {}, (1, 4, 8, 8)),
+])
+def test_unsupported_family_is_named_before_anything_loads(pack, config_class, unet_config, latent):
+    """The model stands in for what a loader hands the node: its config is ComfyUI's own, but it
+    has no diffusion model at all, so the node can only pass if it refuses before touching one."""
+    import types
+    import comfy.model_base
+    import comfy.supported_models
+    config = getattr(comfy.supported_models, config_class)(unet_config)
+    model = types.SimpleNamespace(model=types.SimpleNamespace(
+        model_config=config, model_type=comfy.model_base.ModelType.V_PREDICTION_CONTINUOUS))
+    error_type = sys.modules[f"{PACK}.lora_core.errors"].UserInputError
+    with pytest.raises(error_type, match=rf"ComfyUI's {config_class} family, .*Families it trains: Flux"):
+        pack.nodes.TrainLoRA.execute(model=[model], latents=[{"samples": torch.zeros(latent)}],
+                                     positive=[[[torch.zeros(1, 8, 768), {}]]], steps=[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Wan 2.2 14B: one expert, its noise levels only
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("expert, low, high", [("high_noise", 0.875, 1.0), ("low_noise", 0.0, 0.875)])
+def test_wan22_14b_expert_trains_only_at_its_noise_levels(pack, expert, low, high):
+    """Wan 2.2 14B is two Wan 2.1-shaped experts (ComfyUI loads each as WAN21_T2V) that split the
+    noise levels at sigma 0.875 (T2V; 0.9 for I2V), musubi-tuner's timestep boundary. A LoRA for
+    one expert trains with min/max_noise_level set to its range: every sigma the model sees lies
+    inside it, and the loss there falls."""
+    family = fm.BY_NAME["wan21_t2v"]
+    patcher = fm.build_patcher(family, weights(family))
+    seen = []
+    apply_model = patcher.model.apply_model
+
+    def record_sigma(x, t, *args, **kwargs):  # on this test's own model object only
+        seen.append(t.detach().flatten().clone())
+        return apply_model(x, t, *args, **kwargs)
+
+    patcher.model.apply_model = record_sigma
+    _, loss_map, _ = train(pack, patcher, family, training_dtype="fp32", min_noise_level=low, max_noise_level=high)
+    sigmas = torch.cat(seen)
+    assert sigmas.min().item() >= low - 1e-4 and sigmas.max().item() <= high + 1e-4, (sigmas.min(), sigmas.max())
+    assert sigmas.max().item() - sigmas.min().item() > 0.5 * (high - low)  # the whole range is used
+    assert_loss_falls(loss_map, f"wan22_14b {expert}")
