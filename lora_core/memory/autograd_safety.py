@@ -31,7 +31,7 @@ forward + backward, without touching the model's source:
    replaced by an alias registered with (2), and a write into its memory re-points that alias at
    a copy, so the recompute keeps the values its first forward saw.
 4. Ops without an autograd formula (fused custom kernels): `reference_ops` maps such an op to a
-   plain-torch implementation, called instead while autograd needs the op's gradient.
+   plain-torch implementation of the same function, called instead inside the session.
 
 Safety net: a saved tensor that changed without a copy (a write the mode could not see, e.g.
 inside a C++ extension) raises at backward, as autograd would without us.
@@ -221,8 +221,9 @@ def _tensors_in(value):
 class AutogradSafety:
     """Context manager for one forward + backward of model code that writes in place.
 
-    `reference_ops`: {op: function} for ops with no autograd formula; while grad mode is on and an
-    argument requires grad, `function(*args, **kwargs)` runs instead of `op`.
+    `reference_ops`: {op: function} for ops with no autograd formula; inside the session
+    `function(*args, **kwargs)` runs instead of `op` (always, so a run computes one function, with
+    or without gradients).
     `out_of_place_augmented=False` leaves `x += y` in place (then copy-on-write alone keeps the
     gradients right, at the price of one copy per such write into saved memory).
     Counters (`copies`, `copied_bytes`, `out_of_place`, `rerouted`) say what the run cost.
@@ -309,7 +310,7 @@ class AutogradSafety:
     def _call(self, func, args, kwargs):
         if self.reference_ops:
             reference = self.reference_ops.get(func)
-            if reference is not None and torch.is_grad_enabled() and _any_requires_grad(args, kwargs):
+            if reference is not None:
                 self.rerouted += 1
                 return reference(*args, **kwargs)
         targets = None
@@ -401,14 +402,6 @@ def _unreferenced_base_count() -> int:
 # A base nobody holds in Python (a Linear's 2-D output behind its 3-D view) cannot be read again,
 # so the view may be rebound out of place. Calibrated once: the count differs between Pythons.
 _UNREFERENCED_BASE = _unreferenced_base_count()
-
-
-def _any_requires_grad(args, kwargs) -> bool:
-    for value in (*args, *kwargs.values()):
-        for tensor in _tensors_in(value):
-            if tensor.requires_grad:
-                return True
-    return False
 
 
 def active_session() -> AutogradSafety | None:
