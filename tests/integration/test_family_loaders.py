@@ -74,9 +74,9 @@ def test_detected_family_trains_from_the_example_workflow_and_loads_in_core(comf
     info = comfy.object_info()
     assert files["unet"] in info["UNETLoader"]["input"]["required"]["unet_name"][0]
     prompt = example_prompt("lora_04b_train_from_saved_dataset", info,
-                            LoadTrainingDataset={"dataset": files["dataset"]},
-                            TrainLoRA={"steps": 4, "training_dtype": "fp32"},
-                            SaveLoRAWeights={"prefix": f"it_family/{family}"})
+                            LoRATrainer_LoadTrainingDataset={"folder_name": files["dataset"]},
+                            LoRATrainer_TrainLoRA={"steps": 4, "training_dtype": "fp32"},
+                            LoRATrainer_SaveLoRAWeights={"prefix": f"it_family/{family}"})
     checkpoint = node_id(prompt, "CheckpointLoaderSimple")
     prompt[checkpoint] = {"class_type": "UNETLoader", "inputs": {"unet_name": files["unet"], "weight_dtype": "default"}}
     result = comfy.run_ok(prompt)
@@ -93,7 +93,7 @@ def test_detected_family_trains_from_the_example_workflow_and_loads_in_core(comf
         "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": files["unet"], "weight_dtype": "default"}},
         "lora": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["unet", 0], "lora_name": name,
                                                                  "strength_model": 1.0}},
-        "data": {"class_type": "LoRATrainer_LoadTrainingDataset", "inputs": {"dataset": files["dataset"]}},
+        "data": {"class_type": "LoRATrainer_LoadTrainingDataset", "inputs": {"folder_name": files["dataset"]}},
         "empty": {"class_type": latent_node, "inputs": latent_inputs},
         "sample": {"class_type": "KSampler", "inputs": {
             "model": ["lora", 0], "positive": ["data", 1], "negative": ["data", 1], "latent_image": ["empty", 0],
