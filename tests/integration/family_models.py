@@ -150,6 +150,18 @@ FAMILIES: list[Family] = [
         rope_enable_fps_modulation=False),
         (16, 1, 8, 8), (8, 1024), "flow", needs_inplace_fix=True, gradient_dtype=torch.float32,
         note="rectified flow on EDM sigmas (COSMOS_RFLOW); fused comfy_kitchen rope op (no float64 kernel)"),
+    Family("anima", "Anima", dict(
+        image_model="anima", max_img_h=64, max_img_w=64, max_frames=8, in_channels=16, out_channels=16,
+        patch_spatial=2, patch_temporal=1, concat_padding_mask=True, model_channels=64, num_blocks=2, num_heads=2,
+        crossattn_emb_channels=1024, pos_emb_cls="rope3d", pos_emb_learnable=True, pos_emb_interpolation="crop",
+        min_fps=1, max_fps=30, use_adaln_lora=True, adaln_lora_dim=16, extra_per_block_abs_pos_emb=False,
+        rope_h_extrapolation_ratio=4.0, rope_w_extrapolation_ratio=4.0, rope_t_extrapolation_ratio=1.0,
+        extra_h_extrapolation_ratio=1.0, extra_w_extrapolation_ratio=1.0, extra_t_extrapolation_ratio=1.0,
+        rope_enable_fps_modulation=False),
+        (16, 1, 8, 8), (8, 1024), "flow",
+        extras=lambda g: {"t5xxl_ids": torch.randint(0, 32128, (8,), generator=g), "t5xxl_weights": torch.ones(8)},
+        shift=3.0, needs_inplace_fix=True, gradient_dtype=torch.float32,
+        note="Cosmos Predict2 blocks + a fixed-size 1024-wide LLM adapter (frozen; ~130M parameters)"),
     Family("kandinsky5", "Kandinsky5", dict(
         image_model="kandinsky5", in_visual_dim=16, out_visual_dim=16, in_text_dim=3584, in_text_dim2=768,
         time_dim=32, model_dim=64, ff_dim=128, visual_embed_dim=132, patch_size=(1, 2, 2), num_text_blocks=1,

@@ -151,7 +151,7 @@ def assert_loss_falls(loss_map, label):
     print(f"\n[family] {label}: validation loss {first:.4f} -> {last:.4f}")
 
 
-def families(*, needs_fix=None):
+def families():
     return [pytest.param(f, id=f.name) for f in fm.FAMILIES]
 
 
@@ -398,16 +398,14 @@ def test_core_loader_applies_every_key_and_matches_bypass(pack, family):
 
 @pytest.mark.parametrize("family", families())
 def test_resume_continues(pack, family):
-    whole_lora, whole, _ = train(pack, fm.build_patcher(family, weights(family)), family, steps=20,
-                                 validation_every_steps=10, training_dtype="fp32", lora_dtype="fp32")
-    first_lora, first, steps = train(pack, fm.build_patcher(family, weights(family)), family, steps=10,
-                                     validation_every_steps=10, training_dtype="fp32", lora_dtype="fp32")
+    runs = dict(validation_every_steps=5, training_dtype="fp32", lora_dtype="fp32")
+    _, whole, _ = train(pack, fm.build_patcher(family, weights(family)), family, steps=10, **runs)
+    first_lora, first, steps = train(pack, fm.build_patcher(family, weights(family)), family, steps=5, **runs)
     path = pack.lora_nodes.write_lora(first_lora, f"resume/{family.name}", steps)
     name = path.relative_to(pack.loras).as_posix()
-    second_lora, second, total = train(pack, fm.build_patcher(family, weights(family)), family, steps=10,
-                                       validation_every_steps=10, training_dtype="fp32", lora_dtype="fp32",
-                                       existing_lora=name)
-    assert total == 20 and second["steps"][0] == 11
+    _, second, total = train(pack, fm.build_patcher(family, weights(family)), family, steps=5, existing_lora=name,
+                             **runs)
+    assert total == 10 and second["steps"][0] == 6
     # N steps then M more equals N + M in one go (same seed: same samples, noise and timesteps).
     assert second["val_loss"][-1] == pytest.approx(whole["val_loss"][-1], rel=1e-3)
     assert second["val_loss"][0] == pytest.approx(first["val_loss"][-1], rel=1e-3)
