@@ -187,6 +187,36 @@ def test_forward_values_are_those_of_the_code_as_written():
     torch.testing.assert_close(reference(x.clone()), expected)
 
 
+@torch.library.custom_op("lora_trainer_test::fill_second", mutates_args=("target",))
+def fill_second(source: torch.Tensor, target: torch.Tensor) -> None:
+    target.fill_(float(source.sum()))
+
+
+WRITES = {
+    "method": lambda h: h.add_(1.0),
+    "aten_overload": lambda h: torch.ops.aten.add_.Tensor(h, torch.ones_like(h)),
+    "aten_packet": lambda h: torch.ops.aten.add_(h, torch.ones_like(h)),
+    "out": lambda h: torch.mul(h, 3.0, out=h),
+    "functional_inplace": lambda h: torch.nn.functional.relu(h, inplace=True),
+    "setitem": lambda h: h.__setitem__(slice(1, 3), 0.0),
+    "copy": lambda h: h.copy_(torch.zeros_like(h)),
+    "custom_op_second_argument": lambda h: torch.ops.lora_trainer_test.fill_second(torch.ones(2), h),
+}
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_every_way_of_writing_into_saved_memory_is_seen(write):
+    a = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    with AutogradSafety() as safety:
+        h = a * 2.0
+        out = (h * h).sum()  # saves h
+        with torch.no_grad():
+            WRITES[write](h)
+        out.backward()
+    assert safety.copies >= 1
+    torch.testing.assert_close(a.grad, 8 * a.detach())
+
+
 def test_a_write_beside_the_saved_bytes_copies_nothing():
     a = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     with AutogradSafety() as safety:
