@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
 import time
 import uuid
@@ -42,9 +41,10 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..lora_core.data.paths import is_inside, resolve_inside
+from ..lora_core.data.paths import is_inside
 from ..lora_core.errors import UserInputError
 from ..lora_core.memory.quantized import LowVramCheck, check_low_vram_settings
+from . import outputs
 from .lists import Throttle, conditioning_entry
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class ComfyDenoiser:
         self.prediction_type = _prediction_name(self.base)
         self.device = patcher.load_device
         self._encoded: dict[tuple, tuple[object, dict]] = {}
+        self._references_checked = False
 
     # -- noise levels -------------------------------------------------------------------------
     def sigma_at(self, t: torch.Tensor, latent_shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -153,12 +154,22 @@ class ComfyDenoiser:
         key = (id(cond), tuple(like.shape[1:]))
         hit = self._encoded.get(key)
         if hit is None:
-            entry = comfy.sampler_helpers.convert_cond([conditioning_entry(cond)])[0]
             shape_probe = torch.zeros(like.shape, dtype=torch.float32)
-            encoded = comfy.samplers.encode_model_conds(
-                self.base.extra_conds, [entry], shape_probe, self.device, "positive",
-                latent_image=shape_probe, seed=0,
-            )[0]
+
+            def encode(entry: list) -> dict:
+                converted = comfy.sampler_helpers.convert_cond([entry])[0]
+                return comfy.samplers.encode_model_conds(
+                    self.base.extra_conds, [converted], shape_probe, self.device, "positive",
+                    latent_image=shape_probe, seed=0,
+                )[0]["model_conds"]
+
+            entry = conditioning_entry(cond)
+            if "reference_latents" in entry[1] and not self._references_checked:
+                from .edit_glue import check_model_takes_references  # edit pairs: does this model read them?
+
+                check_model_takes_references(self.base, type(self.base.model_config).__name__, entry, encode)
+                self._references_checked = True
+            encoded = {"model_conds": encode(entry)}
             # Holding `cond` keeps its id from being reused by another object.
             hit = (cond, encoded["model_conds"])
             self._encoded[key] = hit
@@ -429,19 +440,14 @@ def lora_roots_text() -> list[str]:
     return [str(p) for p in folder_paths.get_folder_paths("loras")]
 
 
+def lora_root() -> Path:
+    """The loras folder files are saved into (the first one ComfyUI lists)."""
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
 def lora_save_folder(prefix: str) -> tuple[Path, str]:
     """(folder, file-name prefix) for a save prefix like "my_project/character" inside loras/."""
-    root = Path(folder_paths.get_folder_paths("loras")[0])
-    text = prefix.strip().replace("\\", "/")
-    if not text or text.endswith("/"):
-        raise UserInputError(
-            f"The file prefix {prefix!r} has no file name: use e.g. 'my_lora' or 'project/my_lora'."
-        )
-    folder_part, _, name = text.rpartition("/")
-    folder = resolve_inside(root, folder_part, "prefix folder") if folder_part else root
-    if not is_inside(root, folder):
-        raise UserInputError(f"The prefix {prefix!r} leads outside {root}: give a path inside the loras folder.")
-    return folder, name
+    return outputs.prefix_folder(lora_root(), prefix)
 
 
 def refresh_lora_list() -> None:
@@ -453,26 +459,13 @@ def dataset_roots() -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths("datasets")]
 
 
+def output_directory() -> Path:
+    return Path(folder_paths.get_output_directory())
+
+
 def output_image_path(prefix: str) -> tuple[Path, str]:
     """(a new, never-used PNG path under output/ for `prefix`, its subfolder relative to output/)."""
-    output_dir = Path(folder_paths.get_output_directory())
-    text = prefix.strip().replace("\\", "/")
-    folder_part, _, name = text.rpartition("/")
-    if not name:
-        raise UserInputError(f"The file prefix {prefix!r} has no file name: use e.g. 'loss_graph' or 'runs/loss'.")
-    folder = resolve_inside(output_dir, folder_part, "prefix folder") if folder_part else output_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    counter = 1
-    pattern = re.compile(rf"^{re.escape(name)}_(\d{{5,}})_\.png$")
-    for existing in os.listdir(folder):
-        match = pattern.match(existing)
-        if match:
-            counter = max(counter, int(match.group(1)) + 1)
-    path = folder / f"{name}_{counter:05d}_.png"
-    while path.exists():
-        counter += 1
-        path = folder / f"{name}_{counter:05d}_.png"
-    return path, folder.relative_to(output_dir).as_posix() if folder != output_dir else ""
+    return outputs.output_image_path(output_directory(), prefix)
 
 
 # --------------------------------------------------------------------------------------------

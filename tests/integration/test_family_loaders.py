@@ -75,7 +75,7 @@ def test_detected_family_trains_from_the_example_workflow_and_loads_in_core(comf
     assert files["unet"] in info["UNETLoader"]["input"]["required"]["unet_name"][0]
     prompt = example_prompt("lora_04b_train_from_saved_dataset", info,
                             LoRATrainer_LoadTrainingDataset={"folder_name": files["dataset"]},
-                            LoRATrainer_TrainLoRA={"steps": 4, "training_dtype": "fp32"},
+                            LoRATrainer_TrainLoRA={"steps": 4},
                             LoRATrainer_SaveLoRAWeights={"prefix": f"it_family/{family}"})
     checkpoint = node_id(prompt, "CheckpointLoaderSimple")
     prompt[checkpoint] = {"class_type": "UNETLoader", "inputs": {"unet_name": files["unet"], "weight_dtype": "default"}}
