@@ -70,6 +70,7 @@ class ComfyDenoiser:
         self.prediction_type = _prediction_name(self.base)
         self.device = patcher.load_device
         self._encoded: dict[tuple, tuple[object, dict]] = {}
+        self._references_checked = False
 
     # -- noise levels -------------------------------------------------------------------------
     def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
@@ -132,12 +133,22 @@ class ComfyDenoiser:
         key = (id(cond), tuple(like.shape[1:]))
         hit = self._encoded.get(key)
         if hit is None:
-            entry = comfy.sampler_helpers.convert_cond([conditioning_entry(cond)])[0]
             shape_probe = torch.zeros(like.shape, dtype=torch.float32)
-            encoded = comfy.samplers.encode_model_conds(
-                self.base.extra_conds, [entry], shape_probe, self.device, "positive",
-                latent_image=shape_probe, seed=0,
-            )[0]
+
+            def encode(entry: list) -> dict:
+                converted = comfy.sampler_helpers.convert_cond([entry])[0]
+                return comfy.samplers.encode_model_conds(
+                    self.base.extra_conds, [converted], shape_probe, self.device, "positive",
+                    latent_image=shape_probe, seed=0,
+                )[0]["model_conds"]
+
+            entry = conditioning_entry(cond)
+            if "reference_latents" in entry[1] and not self._references_checked:
+                from .edit_glue import check_model_takes_references  # edit pairs: does this model read them?
+
+                check_model_takes_references(self.base, type(self.base.model_config).__name__, entry, encode)
+                self._references_checked = True
+            encoded = {"model_conds": encode(entry)}
             # Holding `cond` keeps its id from being reused by another object.
             hit = (cond, encoded["model_conds"])
             self._encoded[key] = hit
