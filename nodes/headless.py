@@ -252,13 +252,26 @@ def start_point(job: TrainingJob, fresh: bool) -> dict:
             "optimizer": optimizer, "history": history, "target_steps": target}
 
 
+def local_progress(job: TrainingJob, fresh: bool) -> tuple[int, int]:
+    """(finished, checkpoint step) of this machine's copy of the job, to find the most advanced one."""
+    try:
+        state = None if fresh else read_run_state(job.folder)
+    except UserInputError:
+        return (0, -1)
+    if not state:
+        return (0, -1)
+    return (1 if state.get("finished") else 0, int(state.get("step", -1)))
+
+
 class RunRecord:
     """Rank 0's account of the run: loss history across restarts, checkpoints, run_state.json."""
 
-    def __init__(self, job: TrainingJob, backend, base_model: str, history: dict, target_steps: int):
+    def __init__(self, job: TrainingJob, backend, base_model: str, history: dict, target_steps: int,
+                 resumed_at: int = 0):
         self.job, self.backend, self.base_model = job, backend, base_model
         self.history = {k: list(v) for k, v in history.items()}
         self.target_steps = target_steps
+        self.resumed_at = resumed_at
         self.prediction_type = ""
 
     def on_step(self, step: int, loss: float, lr: float) -> None:
@@ -267,7 +280,10 @@ class RunRecord:
         self.history["lr"].append(lr)
 
     def on_validation(self, step: int, value: float) -> None:
-        if not any(s == step for s, _ in self.history["val"]):  # a restart re-measures its first step
+        # A continued run measures its first step again: keep what an uninterrupted run has.
+        every = self.job.config.validation_every_steps
+        off_schedule = step == self.resumed_at and step > 0 and every and step % every
+        if not off_schedule and not any(s == step for s, _ in self.history["val"]):
             self.history["val"].append([step, value])
 
     def result(self, adapter_set, step: int, optimizer_state: dict, stopped_early: bool = False) -> TrainResult:
@@ -336,8 +352,14 @@ def _run(args: argparse.Namespace, replica: DataParallel | None, main: bool, sto
         elif error is not None:
             raise error
 
-        start = replica.from_main(lambda: start_point(job, args.fresh), "read where the job stands") \
-            if replica is not None else start_point(job, args.fresh)
+        if replica is None:
+            start = start_point(job, args.fresh)
+        else:
+            # After a restart on several machines rank 0 may be on another machine than before: the rank
+            # whose job folder is furthest along reads its checkpoint and hands it to all.
+            progress_by_rank = replica.gather(local_progress(job, args.fresh))
+            source = max(range(replica.world_size), key=lambda r: (progress_by_rank[r], -r))
+            start = replica.from_rank(lambda: start_point(job, args.fresh), "read where the job stands", src=source)
         if "finished" in start:
             if main:
                 print(f"This job has finished already: {start['finished']}. Pass --fresh to train it again.")
@@ -353,7 +375,7 @@ def _run(args: argparse.Namespace, replica: DataParallel | None, main: bool, sto
                                  "do; pass --fresh to train it again.")
         config = dataclasses.replace(config, steps=target - done)
 
-        record = RunRecord(job, backend, base_model, start["history"], target) if main else None
+        record = RunRecord(job, backend, base_model, start["history"], target, done) if main else None
         progress = Progress(done, target, args.log_every, bar=main and not args.no_progress) if main else None
         if main:
             record.prediction_type = denoiser.prediction_type
