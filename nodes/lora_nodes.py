@@ -19,7 +19,7 @@ from ..lora_core.lorafile import files, resume
 from ..lora_core.adapters.adapter_set import AdapterSet, split_key
 from ..lora_core.adapters.attach import attach_bypass
 from ..lora_core.errors import UserInputError
-from ..lora_core.lorafile.keys import INTERNAL_PREFIX, to_internal
+from ..lora_core.lorafile.keys import INTERNAL_PREFIX, adapter_set_from_tensors, lycoris_oft_to_comfy, split_text_encoder
 from ..lora_core.lorafile.lora_model import LoraModel, as_lora_model
 from ..lora_core.atomic import write_bytes_atomically
 from ..lora_core.plotting import loss_chart_png
@@ -33,9 +33,6 @@ PREFIX = "LoRATrainer_"
 LORA_MODEL = io.Custom("LORA_MODEL")
 LOSS_MAP = io.Custom("LOSS_MAP")
 
-# Keys of the text-encoder part of kohya / diffusers files: Load LoRA Model applies to the
-# diffusion model only (as ComfyUI's "Load LoRA Model" does).
-_TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te1.", "te2.", "lora_te1_", "lora_te2_")
 
 
 # ---- writing files -------------------------------------------------------------------------------
@@ -77,9 +74,18 @@ def file_metadata(lora: LoraModel, steps: int | None) -> dict:
                                steps=steps or 0, extra={"source": "LORA_MODEL without metadata"})
 
 
-def write_lora(lora: LoraModel, prefix: str, steps: int | None, kohya_export: bool = False) -> Path:
+def write_lora(lora: LoraModel, prefix: str, steps: int | None, kohya_export: bool = False, model=None) -> Path:
     """Write `lora` to loras/<prefix>[_<steps>_steps]_<NNNNN>_.safetensors (never overwriting),
-    its optimizer state beside it when it has one, and a kohya-named copy on request."""
+    its optimizer state beside it when it has one, and a kohya-named copy on request (named for
+    the model it was trained on, or `model`)."""
+    metadata = file_metadata(lora, steps)
+    kohya = None
+    if kohya_export:  # before anything is written: a LoRA kohya-ss cannot name stops here
+        naming = lora.kohya_naming or (glue.kohya_naming(model) if model is not None else None)
+        if naming is None:
+            raise UserInputError("kohya_export needs to know the model the LoRA is for: connect the model to Save "
+                                 "LoRA Weights' 'model' input (LoRAs from our Train LoRA know it already).")
+        kohya = files.kohya_contents(lora.tensors(), metadata, INTERNAL_PREFIX, naming)
     folder, name = glue.lora_save_folder(prefix)
     folder.mkdir(parents=True, exist_ok=True)
     counter = next_counter(name, os.listdir(folder))
@@ -87,13 +93,11 @@ def write_lora(lora: LoraModel, prefix: str, steps: int | None, kohya_export: bo
     while path.exists():
         counter += 1
         path = folder / lora_file_name(name, steps, counter)
-    metadata = file_metadata(lora, steps)
     files.save_lora(path, lora.tensors(), metadata)
     if lora.optimizer_state is not None:
         save_optimizer_state(path, lora)
-    if kohya_export:
-        kohya_path = path.with_name(path.stem.rstrip("_") + "_kohya.safetensors")
-        files.save_kohya_lora(kohya_path, lora.tensors(), metadata)
+    if kohya is not None:
+        files.save_lora(path.with_name(path.stem.rstrip("_") + "_kohya.safetensors"), *kohya)
     glue.refresh_lora_list()
     return path
 
@@ -126,10 +130,9 @@ def read_lora_file(name: str) -> tuple[dict, dict]:
 
 def diffusion_part(tensors: dict, where: str) -> dict:
     """The file's tensors minus text-encoder keys (logged), which a model-only loader skips."""
-    kept = {k: v for k, v in tensors.items() if not k.startswith(_TEXT_ENCODER_PREFIXES)}
-    dropped = len(tensors) - len(kept)
+    kept, dropped = split_text_encoder(tensors)
     if dropped:
-        log.warning("[LoRA Trainer] %s: %d text-encoder tensors are not applied (model only).", where, dropped)
+        log.warning("[LoRA Trainer] %s: %d text-encoder tensors are not applied (model only).", where, len(dropped))
     if not kept:
         raise UserInputError(f"{where} holds no diffusion-model tensors (only text-encoder ones): pick a LoRA "
                              f"for the diffusion model.")
@@ -137,11 +140,11 @@ def diffusion_part(tensors: dict, where: str) -> dict:
 
 
 def adapter_set_for(model, tensors: dict, metadata: dict | None, where: str) -> AdapterSet:
-    """An AdapterSet on `model`'s diffusion model from internal, kohya, LyCORIS or PEFT keys."""
+    """An AdapterSet on `model`'s diffusion model from internal, kohya, LyCORIS or PEFT keys
+    (any name ComfyUI's key tables know, slices of fused layers included)."""
     tensors = diffusion_part(tensors, where)
-    if not all(k.startswith(INTERNAL_PREFIX) for k in tensors):
-        tensors = to_internal(tensors, metadata, module_names=glue.diffusion_module_names(model), source=where)
-    return AdapterSet.from_state_dict(tensors, model=model.model.diffusion_model, prefix=INTERNAL_PREFIX)
+    return adapter_set_from_tensors(tensors, metadata, model.model.diffusion_model, INTERNAL_PREFIX,
+                                    glue.lora_key_aliases(model), where)
 
 
 # ---- nodes ---------------------------------------------------------------------------------------
@@ -166,18 +169,23 @@ class SaveLoRAWeights(io.ComfyNode):
                              tooltip="Total steps for the file name; connect Train LoRA's 'steps'. Not connected: "
                                      "taken from the LoRA's metadata."),
                 io.Boolean.Input("kohya_export", default=False,
-                                 tooltip="Also write a copy with kohya-ss key names (<name>_kohya.safetensors) for "
-                                         "A1111 / Forge and other UIs. ComfyUI reads either."),
+                                 tooltip="Also write a copy with the key names kohya-ss / musubi-tuner give this model "
+                                         "family (<name>_kohya.safetensors), for A1111 / Forge, kohya-ss, LyCORIS and "
+                                         "diffusers. ComfyUI reads either. Families without confirmed kohya-ss names "
+                                         "(see README) stop with a message."),
+                io.Model.Input("model", optional=True,
+                               tooltip="Only for kohya_export of a LoRA not made by our Train LoRA (e.g. ComfyUI's "
+                                       "trainer): the model it was trained on, whose layer names are needed."),
             ],
             outputs=[io.String.Output(display_name="filename", tooltip="The file name as the loras list shows it.")],
         )
 
     @classmethod
-    def execute(cls, lora, prefix, kohya_export=False, steps=None) -> io.NodeOutput:
+    def execute(cls, lora, prefix, kohya_export=False, steps=None, model=None) -> io.NodeOutput:
         lora = as_lora_model(lora)
         if steps is None:
             steps = _int_or_none(lora.metadata.get("steps"))
-        path = write_lora(lora, prefix, steps, kohya_export)
+        path = write_lora(lora, prefix, steps, kohya_export, model)
         name = relative_lora_name(path)
         log.info("[LoRA Trainer] saved %s", path)
         return io.NodeOutput(name, ui=ui.PreviewText(f"saved loras/{name}"))
@@ -223,7 +231,8 @@ class LoadLoRAModel(io.ComfyNode):
     def execute(cls, model, strength, bypass, lora=None, lora_name=glue.NO_LORA) -> io.NodeOutput:
         sources: list[tuple[dict, dict | None, str]] = []
         if lora is not None:
-            sources.append((dict(as_lora_model(lora)), None, "The connected lora"))
+            lora = as_lora_model(lora)
+            sources.append((dict(lora), lora.metadata, "The connected lora"))
         if lora_name and lora_name != glue.NO_LORA:
             tensors, metadata = read_lora_file(lora_name)
             sources.append((tensors, metadata, f"loras/{lora_name}"))
@@ -236,8 +245,8 @@ class LoadLoRAModel(io.ComfyNode):
             if bypass:
                 adapter_set = adapter_set_for(model, tensors, metadata, where)
                 model = glue.apply_bypass(model, _bypass_attacher(adapter_set, strength))
-            else:
-                model = glue.apply_merged(model, tensors, strength)
+            else:  # ComfyUI's loader reads OFT alpha its way: give it LyCORIS files converted
+                model = glue.apply_merged(model, lycoris_oft_to_comfy(tensors, metadata or {}), strength)
         return io.NodeOutput(model)
 
 

@@ -116,7 +116,7 @@ NODE_ONLY_SETTINGS = ("lora_dtype", "quantized_backward", "bucket_mode", "existi
 
 
 def lora_output(result: TrainResult, config: TrainConfig, v: dict, base_model: str,
-                prediction_type: str) -> LoraModel:
+                prediction_type: str, kohya_naming=None) -> LoraModel:
     """The LORA_MODEL: ComfyUI-internal tensors in lora_dtype (alphas stay float32), metadata,
     optimizer state."""
     dtype = LORA_DTYPES[v["lora_dtype"]]
@@ -131,7 +131,7 @@ def lora_output(result: TrainResult, config: TrainConfig, v: dict, base_model: s
         "loss_summary": loss_summary(result.loss),
         "stopped_early": str(result.stopped_early).lower(),
     })
-    return LoraModel({k: t.detach().cpu() for k, t in tensors.items()}, metadata, result.optimizer_state)
+    return LoraModel({k: t.detach().cpu() for k, t in tensors.items()}, metadata, result.optimizer_state, kohya_naming)
 
 
 class TrainLoRA(io.ComfyNode):
@@ -324,7 +324,7 @@ def run_training(model, data: TrainingData, config: TrainConfig, v: dict) -> io.
         except NonFiniteLoss as stop:
             path = checkpoints.write_result(stop.result)
             raise UserInputError(f"{stop} Last good weights: loras/{path}.") from stop
-        lora = lora_output(result, config, v, base_model, denoiser.prediction_type)
+        lora = lora_output(result, config, v, base_model, denoiser.prediction_type, glue.kohya_naming(model))
     if result.stopped_early:
         path = checkpoints.write(lora, result.total_steps)
         log.info("[LoRA Trainer] cancelled at step %d; checkpoint %s", result.total_steps, path)
@@ -339,7 +339,8 @@ def _chart(history: list[float]) -> Image.Image:
 def load_resume(name: str, denoiser, config: TrainConfig):
     if not name or name == glue.NO_LORA:
         return None
-    return resume.resume_from_file(glue.lora_path(name), denoiser, config)
+    aliases = glue.lora_key_aliases(denoiser.patcher)
+    return resume.resume_from_file(glue.lora_path(name), denoiser, config, aliases)
 
 
 class CheckpointWriter:
