@@ -263,7 +263,7 @@ def _unwrapped(module: str, prefix: str) -> list[str]:
     while changed:
         changed = False
         for wrapper in (prefix, *_WRAPPERS):
-            if stripped.startswith(wrapper):
+            if wrapper and stripped.startswith(wrapper):
                 stripped = stripped[len(wrapper):]
                 candidates.append(stripped)
                 changed = True
@@ -379,6 +379,11 @@ def _peft_alpha(name: str, rank: int, metadata: dict[str, str]) -> float:
                 continue
             if isinstance(parsed, dict):
                 configs.append(parsed)
+                # diffusers' pipelines prefix each field with the component: "unet.lora_alpha"
+                for component in ("unet.", "transformer."):
+                    fields = {k[len(component):]: v for k, v in parsed.items() if k.startswith(component)}
+                    if fields:
+                        configs.append(fields)
     for config in configs:
         pattern = config.get("alpha_pattern")
         if isinstance(pattern, dict):

@@ -188,8 +188,7 @@ def _check_adapters(adapter_set: AdapterSet, config: TrainConfig, source: str) -
                 f"{source} has rank {rank} (layer '{name}'), but rank is set to {wanted.rank}. Set rank to "
                 f"{rank} to continue it, or choose no existing LoRA to start a new one."
             )
-        # Loose: files store alpha as float32, and ComfyUI's trainer lets alpha drift (0.999995).
-        if not math.isclose(adapter.alpha, wanted.alpha, rel_tol=1e-3):
+        if not _alpha_agrees(adapter, wanted.alpha):
             raise UserInputError(
                 f"{source} has alpha {adapter.alpha:g} (layer '{name}'), but alpha is set to {wanted.alpha:g}. "
                 f"Set alpha to {adapter.alpha:g} to continue it, or choose no existing LoRA to start a new one."
@@ -205,3 +204,16 @@ def _adapters_and_parts(adapter_set: AdapterSet) -> list[tuple[str, object]]:
         else:
             items.append((name, adapter))
     return items
+
+
+def _alpha_agrees(adapter, alpha: float) -> bool:
+    """Whether a loaded adapter's alpha is the configured one. Loose: files store alpha as float32,
+    and ComfyUI's trainer lets alpha drift (0.999995). LoKr without a low-rank factor has scale 1
+    whatever its alpha (LyCORIS writes its dim there). An OFT constraint read from a LyCORIS
+    file is alpha * out_channels in ComfyUI's terms, so either meaning agrees."""
+    if adapter.algorithm == "lokr" and adapter.rank is None:
+        return True
+    candidates = [alpha]
+    if adapter.algorithm == "oft":
+        candidates.append(alpha * adapter.block_count * adapter.block_size)
+    return any(math.isclose(adapter.alpha, value, rel_tol=1e-3) for value in candidates)
