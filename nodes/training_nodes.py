@@ -263,7 +263,9 @@ class TrainLoRA(io.ComfyNode):
                 io.Int.Input("lokr_factor", default=-1, min=-1, max=256, optional=True, advanced=True,
                              tooltip="LoKr: Kronecker factor of the first dimension (-1 = balanced)."),
                 io.Int.Input("oft_block_size", default=32, min=2, max=1024, optional=True, advanced=True,
-                             tooltip="OFT: size of the orthogonal blocks (32 usual)."),
+                             tooltip="OFT block size as LyCORIS' dim and ComfyUI's trainer rank mean it: each layer's "
+                                     "output channels split by factorization(channels, this), the smaller factor being "
+                                     "the block size (32: 1280 channels in 40 blocks of 32, 320 in 20 blocks of 16)."),
                 io.Int.Input("save_every_steps", default=0, min=0, max=100000, optional=True, advanced=True,
                              tooltip="Write a checkpoint to the loras folder every N steps (0 = only on cancel "
                                      "and errors)."),
