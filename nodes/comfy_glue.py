@@ -492,6 +492,10 @@ def lora_key_aliases(model) -> dict[str, str | Slice]:
     aliases: dict[str, str | Slice] = {}
     for name, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
         if isinstance(target, tuple):
+            # (weight, (dim, offset, size)): rows of a fused layer. Entries that also transform the
+            # weight (a third element, e.g. Flux's swapped norm_out scale/shift) have no bypass form.
+            if len(target) != 2 or not isinstance(target[1], tuple) or len(target[1]) != 3:
+                continue
             weight, (dim, offset, size) = target
             if dim == 0 and _is_model_weight(weight):
                 aliases[name] = Slice(weight[len(_MODEL_PREFIX):-len(".weight")], int(offset), int(size))

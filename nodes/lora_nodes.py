@@ -246,7 +246,8 @@ class LoadLoRAModel(io.ComfyNode):
                 adapter_set = adapter_set_for(model, tensors, metadata, where)
                 model = glue.apply_bypass(model, _bypass_attacher(adapter_set, strength))
             else:  # ComfyUI's loader reads OFT alpha its way: give it LyCORIS files converted
-                model = glue.apply_merged(model, lycoris_oft_to_comfy(tensors, metadata or {}), strength)
+                tensors = lycoris_oft_to_comfy(diffusion_part(tensors, where), metadata or {})
+                model = glue.apply_merged(model, tensors, strength)
         return io.NodeOutput(model)
 
 
