@@ -19,7 +19,14 @@ from ..lora_core.lorafile import files, resume
 from ..lora_core.adapters.adapter_set import AdapterSet, split_key
 from ..lora_core.adapters.attach import attach_bypass
 from ..lora_core.errors import UserInputError
-from ..lora_core.lorafile.keys import INTERNAL_PREFIX, adapter_set_from_tensors, lycoris_oft_to_comfy, split_text_encoder
+from ..lora_core.lorafile.keys import (
+    INTERNAL_PREFIX,
+    ModelKeys,
+    adapter_set_from_tensors,
+    lycoris_oft_to_comfy,
+    read_keys,
+    split_text_encoder,
+)
 from ..lora_core.lorafile.lora_model import LoraModel, as_lora_model
 from ..lora_core.atomic import write_bytes_atomically
 from ..lora_core.plotting import loss_chart_png
@@ -139,6 +146,19 @@ def diffusion_part(tensors: dict, where: str) -> dict:
     return kept
 
 
+def merged_keys(model, tensors: dict, metadata: dict | None, where: str) -> dict:
+    """The tensors for ComfyUI's merging loader, under names it maps: read as bypass reads them (more
+    naming schemes than ComfyUI's table, PEFT alpha from the adapter metadata, LyCORIS OFT constraints
+    converted), so both modes apply the same weights. A file our reader refuses (DoRA, Tucker...,
+    which ComfyUI can merge) goes to ComfyUI as it is, and ComfyUI reports what it cannot place."""
+    try:
+        keys = ModelKeys.of(model.model.diffusion_model, glue.lora_key_aliases(model))
+        return read_keys(tensors, metadata, keys, INTERNAL_PREFIX, where).tensors
+    except UserInputError as reason:
+        log.info("[LoRA Trainer] %s: merged by ComfyUI's loader as it is (%s)", where, reason)
+        return lycoris_oft_to_comfy(tensors, metadata or {})
+
+
 def adapter_set_for(model, tensors: dict, metadata: dict | None, where: str) -> AdapterSet:
     """An AdapterSet on `model`'s diffusion model from internal, kohya, LyCORIS or PEFT keys
     (any name ComfyUI's key tables know, slices of fused layers included)."""
@@ -245,9 +265,9 @@ class LoadLoRAModel(io.ComfyNode):
             if bypass:
                 adapter_set = adapter_set_for(model, tensors, metadata, where)
                 model = glue.apply_bypass(model, _bypass_attacher(adapter_set, strength))
-            else:  # ComfyUI's loader reads OFT alpha its way: give it LyCORIS files converted
-                tensors = lycoris_oft_to_comfy(diffusion_part(tensors, where), metadata or {})
-                model = glue.apply_merged(model, tensors, strength)
+            else:
+                model = glue.apply_merged(model, merged_keys(model, diffusion_part(tensors, where), metadata, where),
+                                          strength)
         return io.NodeOutput(model)
 
 
