@@ -167,8 +167,8 @@ def read_keys(
         if target is None:
             unmatched.append(key)
             continue
-        if suffix in _PEFT_SUFFIXES:
-            suffix = _PEFT_SUFFIXES[suffix]
+        peft = suffix in _PEFT_SUFFIXES
+        suffix = _PEFT_SUFFIXES.get(suffix, suffix)
         if isinstance(target, tuple):  # (source name, Slice)
             name, where = target
             slices[name] = where
@@ -176,7 +176,7 @@ def read_keys(
         else:
             name = target
             out_key = f"{prefix}{name}.{suffix}"
-        if suffix == "lora_down.weight" and _split_any(key)[1] in _PEFT_SUFFIXES:
+        if peft and suffix == "lora_down.weight":
             peft_ranks[name] = tensor.shape[0]
         converted[out_key] = tensor
     if unmatched:
