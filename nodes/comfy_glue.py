@@ -101,6 +101,11 @@ class ComfyDenoiser:
     def prepare_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.base.process_latent_in(latents)
 
+    @property
+    def autograd_reference_ops(self) -> dict:
+        """Fused ops the model may call that autograd cannot differentiate, with a torch twin."""
+        return kitchen_reference_ops()
+
     # -- the forward pass -----------------------------------------------------------------------
     def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, conds: list) -> torch.Tensor:
         if len(conds) != x_t.shape[0]:
@@ -144,6 +149,56 @@ class ComfyDenoiser:
             hit = (cond, encoded["model_conds"])
             self._encoded[key] = hit
         return hit[1]
+
+
+# comfy_kitchen's fused rope / norm kernels (Cosmos Predict2 and Anima call them whatever
+# `in_training` says). Quantization and matmul kernels are left to ComfyUI's own training paths.
+_KITCHEN_MATH_OPS = ("apply_rope", "rms_rope", "adaln", "rms_adaln")
+_kitchen_references: dict | None = None
+
+
+def kitchen_reference_ops() -> dict:
+    """{comfy_kitchen op: its eager (plain torch) implementation} for the fused math ops that have
+    no autograd formula. The eager backend computes the same values, and autograd differentiates
+    it; `AutogradSafety` calls it instead of the kernel while a gradient is needed."""
+    global _kitchen_references
+    if _kitchen_references is None:
+        _kitchen_references = _find_kitchen_references()
+    return _kitchen_references
+
+
+def _find_kitchen_references() -> dict:
+    try:
+        from comfy_kitchen.backends import eager
+        from torch._library.custom_ops import OPDEFS
+    except ImportError:
+        return {}
+    found = {}
+    names = {n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+             if n.startswith("comfy_kitchen::")}
+    for name in sorted(names):
+        definition = OPDEFS.get(f"comfy_kitchen::{name}")
+        function = getattr(eager, name, None)
+        if (not name.startswith(_KITCHEN_MATH_OPS) or function is None or definition is None
+                or definition._backward_fn is not None):
+            continue
+        packet = getattr(torch.ops.comfy_kitchen, name)
+        schema = packet.default._schema
+        if any(arg.alias_info is not None and arg.alias_info.is_write for arg in schema.arguments):
+            continue  # in-place variants: inference only
+        reference = _called_by_name(function, [arg.name for arg in schema.arguments])
+        found[packet] = reference
+        for overload in packet.overloads():
+            found[getattr(packet, overload)] = reference
+    return found
+
+
+def _called_by_name(function: Callable, names: list[str]) -> Callable:
+    # The kernels' positional arguments, passed by name: the eager functions share the schema's names.
+    def reference(*args, **kwargs):
+        return function(**dict(zip(names, args)), **kwargs)
+
+    return reference
 
 
 def _prediction_name(base) -> str:

@@ -50,6 +50,10 @@ class Denoiser(Protocol):
         """Into the model's latent space (ComfyUI: `process_latent_in`)."""
         ...
 
+    # Optional (read with getattr, so not part of the runtime check):
+    # `autograd_reference_ops: dict` - {op: plain-torch function} for ops the model calls that have
+    # no autograd formula (fused kernels); training runs the function instead (`AutogradSafety`).
+
 
 def per_sample(values: Tensor, like: Tensor) -> Tensor:
     """Shape a per-sample vector [B] so it broadcasts against a batch [B, C, ...]."""

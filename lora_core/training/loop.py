@@ -26,6 +26,7 @@ from torch import Tensor
 from ..adapters.adapter_set import AdapterSet
 from ..adapters import AdapterSpec
 from ..adapters.attach import attach_bypass, attach_merged
+from ..memory.autograd_safety import AutogradSafety
 from ..memory.checkpointing import GradientCheckpointing
 from ..memory.device_memory import activation_budget
 from .denoiser import Denoiser
@@ -298,6 +299,7 @@ def train(
     # Quantized (float8 / packed) weights cannot hold W + dW: only bypass hooks train on them.
     require_bypass_for_quantized(denoiser.module, config.bypass)
     attach = attach_bypass if config.bypass else lambda m, s: attach_merged(m, s, trainable=True)
+    reference_ops = getattr(denoiser, "autograd_reference_ops", None)  # optional part of the protocol
     step = steps_done
     with contextlib.ExitStack() as attached:
         attached.enter_context(_frozen(denoiser.module))
@@ -335,10 +337,13 @@ def train(
                 x0 = _latent_batch(denoiser, data, batch.indices, device)
                 t, noise = _draws(objective, batch, x0, config.seed)
                 conds = [data.cond(i) for i in batch.indices]
-                with precision.autocast():
-                    per_sample = objective.loss_at(denoiser, x0, conds, t.to(device), noise.to(device))
-                loss = per_sample.sum() / sample_count
-                precision.backward(loss)
+                # Model code written for inference writes into tensors autograd saved (and calls
+                # fused ops without gradients): made safe for this forward + backward only.
+                with AutogradSafety(reference_ops):
+                    with precision.autocast():
+                        per_sample = objective.loss_at(denoiser, x0, conds, t.to(device), noise.to(device))
+                    loss = per_sample.sum() / sample_count
+                    precision.backward(loss)
                 summed_loss += loss.detach()
             step_loss = summed_loss.item()
             if offloader is not None:

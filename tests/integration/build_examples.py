@@ -118,7 +118,8 @@ def mixed_resolutions(g: Graph):
 Images of any size and aspect ratio in **ComfyUI/input/{FOLDER}/** (no resizing in the loader).
 **Resolution Bucket** fits each image to the nearest bucket of about {RESOLUTION}x{RESOLUTION} pixels
 (sides in steps of 64 px) and groups equal sizes, so batches of batch_size > 1 come from one bucket.
-Keep **bucket_mode** on in Train LoRA. The bucket table is shown on the Resolution Bucket node.
+Keep **bucket_mode** on (LoRA Memory Settings; on by default). The bucket table is shown on the Resolution
+Bucket node.
 """)
     ckpt = _checkpoint(g)
     images = g.add(P + "LoadImageTextDataset", (X0, 200), folder=FOLDER, resize="none",
@@ -130,8 +131,7 @@ Keep **bucket_mode** on in Train LoRA. The bucket table is shown on the Resoluti
     g.connect(ckpt.out("VAE"), data, "vae")
     g.connect(ckpt.out("CLIP"), data, "clip")
     g.connect(images.out("texts"), data, "texts")
-    train = _train(g, (X2, 0), ckpt.out("MODEL"), data.out("latents"), data.out("conditioning"),
-                   bucket_mode=True, batch_size=2)
+    train = _train(g, (X2, 0), ckpt.out("MODEL"), data.out("latents"), data.out("conditioning"), batch_size=2)
     _save_and_plot(g, train, "my_bucketed_lora")
 
 
@@ -182,9 +182,9 @@ Use the same dataset, rank and algorithm as the first run. Images: **ComfyUI/inp
 def low_vram(g: Graph):
     _note(g, f"""
 ## Low VRAM: FP8 weights, bypass adapters
-The diffusion model is loaded with **fp8_e4m3fn** weights (half the memory of fp16). Train LoRA uses
-**training_dtype none** (compute in the model's own dtype), **bypass_mode** (adapters beside each layer, the FP8
-weights are never rewritten), gradient checkpointing and offloading. Use **bypass** in Load LoRA Model when
+The diffusion model is loaded with **fp8_e4m3fn** weights (half the memory of fp16). **LoRA Memory Settings**
+sets **training_dtype none** (compute in the model's own dtype), **bypass_mode** (adapters beside each layer, the
+FP8 weights are never rewritten), gradient checkpointing and offloading. Use **bypass** in Load LoRA Model when
 you generate with an FP8 model. Files: models/diffusion_models, models/text_encoders, models/vae.
 Images: **ComfyUI/input/{FOLDER}/**.
 """, height=260)
@@ -198,10 +198,11 @@ Images: **ComfyUI/input/{FOLDER}/**.
     g.connect(vae.out("VAE"), data, "vae")
     g.connect(clip.out("CLIP"), data, "clip")
     g.connect(caption.out(0), data, "texts")
-    train = _train(g, (X2, 0), unet.out("MODEL"), data.out("latents"), data.out("conditioning"),
-                   training_dtype="none", bypass_mode=True, gradient_checkpointing=True, offloading=True,
-                   quantized_backward=True)
-    _save_and_plot(g, train, "my_lowvram_lora")
+    train = _train(g, (X2, 0), unet.out("MODEL"), data.out("latents"), data.out("conditioning"))
+    save, _ = _save_and_plot(g, train, "my_lowvram_lora")
+    memory = g.add(P + "MemorySettings", (X1, 640), training_dtype="none", bypass_mode=True,
+                   gradient_checkpointing=True, offloading=True, quantized_backward=True)
+    g.connect(memory.out("memory"), train, "memory")
 
 
 def train_then_generate(g: Graph):
