@@ -81,18 +81,18 @@ def file_metadata(lora: LoraModel, steps: int | None) -> dict:
                                steps=steps or 0, extra={"source": "LORA_MODEL without metadata"})
 
 
-def write_lora(lora: LoraModel, prefix: str, steps: int | None, kohya_export: bool = False, model=None) -> Path:
+def write_lora(lora: LoraModel, prefix: str, steps: int | None, kohya_export: bool = False) -> Path:
     """Write `lora` to loras/<prefix>[_<steps>_steps]_<NNNNN>_.safetensors (never overwriting),
     its optimizer state beside it when it has one, and a kohya-named copy on request (named for
-    the model it was trained on, or `model`)."""
+    the model it was trained on, which our Train LoRA records in the LORA_MODEL)."""
     metadata = file_metadata(lora, steps)
     kohya = None
     if kohya_export:  # before anything is written: a LoRA kohya-ss cannot name stops here
-        naming = lora.kohya_naming or (glue.kohya_naming(model) if model is not None else None)
-        if naming is None:
-            raise UserInputError("kohya_export needs to know the model the LoRA is for: connect the model to Save "
-                                 "LoRA Weights' 'model' input (LoRAs from our Train LoRA know it already).")
-        kohya = files.kohya_contents(lora.tensors(), metadata, INTERNAL_PREFIX, naming)
+        if lora.kohya_naming is None:
+            raise UserInputError("kohya_export needs the layer names of the model the LoRA was trained on, which only "
+                                 "our Train LoRA records: turn kohya_export off for this LoRA, or continue it in our "
+                                 "Train LoRA (existing_lora) and export that.")
+        kohya = files.kohya_contents(lora.tensors(), metadata, INTERNAL_PREFIX, lora.kohya_naming)
     folder, name = glue.lora_save_folder(prefix)
     folder.mkdir(parents=True, exist_ok=True)
     counter = next_counter(name, os.listdir(folder))
@@ -193,19 +193,16 @@ class SaveLoRAWeights(io.ComfyNode):
                                          "family (<name>_kohya.safetensors), for A1111 / Forge, kohya-ss, LyCORIS and "
                                          "diffusers. ComfyUI reads either. Families without confirmed kohya-ss names "
                                          "(see README) stop with a message."),
-                io.Model.Input("model", optional=True,
-                               tooltip="Only for kohya_export of a LoRA not made by our Train LoRA (e.g. ComfyUI's "
-                                       "trainer): the model it was trained on, whose layer names are needed."),
             ],
             outputs=[io.String.Output(display_name="filename", tooltip="The file name as the loras list shows it.")],
         )
 
     @classmethod
-    def execute(cls, lora, prefix, kohya_export=False, steps=None, model=None) -> io.NodeOutput:
+    def execute(cls, lora, prefix, kohya_export=False, steps=None) -> io.NodeOutput:
         lora = as_lora_model(lora)
         if steps is None:
             steps = _int_or_none(lora.metadata.get("steps"))
-        path = write_lora(lora, prefix, steps, kohya_export, model)
+        path = write_lora(lora, prefix, steps, kohya_export)
         name = relative_lora_name(path)
         log.info("[LoRA Trainer] saved %s", path)
         return io.NodeOutput(name, ui=ui.PreviewText(f"saved loras/{name}"))
