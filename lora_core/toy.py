@@ -139,7 +139,7 @@ class ToyDenoiser:
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
-    def sigma_at(self, t: Tensor) -> Tensor:
+    def sigma_at(self, t: Tensor, latent_shape: tuple[int, ...] | None = None) -> Tensor:
         t = t.float().clamp(0.0, 1.0)
         if self.prediction_type == "flow":
             return t

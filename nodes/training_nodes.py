@@ -85,6 +85,8 @@ def train_config(v: dict, mixed_sizes: bool) -> TrainConfig:
             min_snr_gamma=v["min_snr_gamma"],
             loss_function=LOSS_LABELS.get(v["loss_function"], v["loss_function"]),
             noise_offset=v["noise_offset"],
+            min_noise_level=v["min_noise_level"],
+            max_noise_level=v["max_noise_level"],
         ),
         adapter=AdapterSpec(
             algorithm=ALGORITHM_LABELS.get(v["algorithm"], v["algorithm"]),
@@ -189,6 +191,7 @@ def training_inputs(model, latents, positive, inputs: dict) -> tuple[object, Tra
     values merged in); Export Training Job takes the same inputs through here, so a job trains what
     the node would."""
     values = merged_values(TrainLoRA.define_schema().inputs, inputs, single)
+    glue.check_trainable(single(model))  # before the dataset is read: audio / 3D latents would fail there
     samples, conds = training_samples(latents, positive)
     mixed_sizes = len({tuple(x.shape) for x in samples}) > 1
     config = train_config(values, mixed_sizes)
@@ -196,6 +199,7 @@ def training_inputs(model, latents, positive, inputs: dict) -> tuple[object, Tra
 
 
 def run_training(model, data: TrainingData, config: TrainConfig, v: dict) -> io.NodeOutput:
+    glue.check_trainable(model)  # first: a family we cannot train is named before anything loads
     base_model = glue.base_model_name(model)
     checkpoints = CheckpointWriter(config, v, base_model)
     fp8_backward = glue.low_vram_check(model, config, v["quantized_backward"]).fp8_backward

@@ -50,6 +50,14 @@ def training_setting_inputs() -> list:
         io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Extra per-channel noise so the model learns very dark / bright images (0 = off, "
                                "0.05 typical)."),
+        io.Float.Input("min_noise_level", default=0.0, min=0.0, max=1.0, step=0.001,
+                       tooltip="Train only at noise levels from this one up (0 = from clean; noise level = sigma / "
+                               "the model's largest sigma, for flow models sigma itself, musubi-tuner's timestep / "
+                               "1000). Wan 2.2 14B high-noise expert: 0.875 (T2V) or 0.9 (I2V), with "
+                               "max_noise_level 1."),
+        io.Float.Input("max_noise_level", default=1.0, min=0.0, max=1.0, step=0.001,
+                       tooltip="Train only at noise levels up to this one (1 = pure noise). Wan 2.2 14B low-noise "
+                               "expert: 0.875 (T2V) or 0.9 (I2V), with min_noise_level 0."),
         io.Combo.Input("lr_scheduler", options=["constant", "linear", "cosine"], default="constant",
                        tooltip="Learning-rate schedule over the run's steps."),
         io.Int.Input("warmup_steps", default=0, min=0, max=100000,
@@ -61,9 +69,11 @@ def training_setting_inputs() -> list:
         io.Float.Input("loraplus_ratio", default=1.0, min=0.01, max=64.0, step=0.5,
                        tooltip="LoRA+: the up factors learn this many times faster (16 in the paper); 1 = off."),
         io.Combo.Input("target_preset", options=list(PRESETS) + ["none"], default="all",
-                       tooltip="Which layers get adapters: all Linear/Conv layers (default; what ComfyUI's trainer "
-                               "adapts too), attention + MLP only (smaller, a little faster), attention only, or "
-                               "none (only include_patterns)."),
+                       tooltip="Which layers get adapters: all = every Linear/Conv inside the model's blocks "
+                               "(default; transformers: attention + MLP, UNets: + res-block convs), attention + MLP "
+                               "only, attention only, or none (only include_patterns). Embedders, final layers and "
+                               "modulation (adaLN) never train unless named in include_patterns (as musubi-tuner / "
+                               "ai-toolkit do)."),
         io.String.Input("include_patterns", default="",
                         tooltip="Extra layers: regular expressions on module names, comma or newline separated, "
                                 "e.g. 'proj_in, time_embed'."),
