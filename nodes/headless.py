@@ -184,6 +184,7 @@ class ComfyBackend:
     @contextlib.contextmanager
     def open(self, job: TrainingJob, config: TrainConfig):
         model = self.job_glue.load_model(job.model, job.folder)
+        self.glue.check_trainable(model)  # as Train LoRA: a family it cannot train is named first
         check = self.glue.low_vram_check(model, config, bool(job.settings.get("quantized_backward", False)))
         with self.glue.training_session(model, config.offloading, check.fp8_backward) as denoiser:
             yield denoiser, self.glue.base_model_name(model)
