@@ -122,6 +122,41 @@ def test_gradients_equal_the_out_of_place_rewrite(checkpointing, out_of_place_au
         assert safety.out_of_place > 0
 
 
+class KeywordBlock(nn.Module):
+    """Takes its input by keyword (as Flux's blocks do) and writes into it."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.attn = nn.Linear(width, width)
+
+    def forward(self, *, img: torch.Tensor) -> torch.Tensor:
+        img.add_(self.attn(self.norm(img)))
+        return img
+
+
+class KeywordNet(nn.Module):
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.inp = nn.Linear(width, width)
+        self.blocks = nn.ModuleList(KeywordBlock(width) for _ in range(2))
+
+    def forward(self, x):
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(img=x)
+        return x
+
+
+def test_a_keyword_input_written_in_place_inside_a_checkpointed_block():
+    torch.manual_seed(0)
+    model = KeywordNet().double()
+    x = inputs()
+    plain = gradients(model, x, False, AutogradSafety())
+    checkpointed = gradients(model, x, True, AutogradSafety())
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-12, atol=1e-12)
+
+
 def test_gradients_match_central_finite_differences():
     _, model = twins()
     x = inputs()
@@ -150,6 +185,36 @@ def test_forward_values_are_those_of_the_code_as_written():
         got = model(x.clone())
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     torch.testing.assert_close(reference(x.clone()), expected)
+
+
+@torch.library.custom_op("lora_trainer_test::fill_second", mutates_args=("target",))
+def fill_second(source: torch.Tensor, target: torch.Tensor) -> None:
+    target.fill_(float(source.sum()))
+
+
+WRITES = {
+    "method": lambda h: h.add_(1.0),
+    "aten_overload": lambda h: torch.ops.aten.add_.Tensor(h, torch.ones_like(h)),
+    "aten_packet": lambda h: torch.ops.aten.add_(h, torch.ones_like(h)),
+    "out": lambda h: torch.mul(h, 3.0, out=h),
+    "functional_inplace": lambda h: torch.nn.functional.relu(h, inplace=True),
+    "setitem": lambda h: h.__setitem__(slice(1, 3), 0.0),
+    "copy": lambda h: h.copy_(torch.zeros_like(h)),
+    "custom_op_second_argument": lambda h: torch.ops.lora_trainer_test.fill_second(torch.ones(2), h),
+}
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_every_way_of_writing_into_saved_memory_is_seen(write):
+    a = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    with AutogradSafety() as safety:
+        h = a * 2.0
+        out = (h * h).sum()  # saves h
+        with torch.no_grad():
+            WRITES[write](h)
+        out.backward()
+    assert safety.copies >= 1
+    torch.testing.assert_close(a.grad, 8 * a.detach())
 
 
 def test_a_write_beside_the_saved_bytes_copies_nothing():

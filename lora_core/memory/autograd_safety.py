@@ -158,6 +158,12 @@ class _Saved:
         self.copied = False
 
 
+class _Ref(weakref.ref):
+    """A weak reference that knows which storage's entry to drop when its object dies."""
+
+    __slots__ = ("key",)
+
+
 class _Held:
     """A registry entry: a weak reference to what holds saved memory, and which memory."""
 
@@ -173,30 +179,50 @@ class _Held:
 
 
 class _Mode(TorchFunctionMode):
-    """Sees every torch call of the session's thread (and of autograd's threads working for it)."""
+    """Sees every torch call of the session's thread (and of autograd's threads working for it).
+
+    Most calls write nothing (and many are attribute reads such as `.shape`): they leave after one
+    dictionary lookup, the cost that matters on small layers.
+    """
 
     def __init__(self, session: "AutogradSafety"):
         super().__init__()
         self.session = session
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        return self.session._call(func, args, kwargs or {})
-
-
-_write_kinds: dict = {}  # func -> True when its first argument is written (cached per function object)
-
-
-def _writes_first_argument(func) -> bool:
-    kind = _write_kinds.get(func)
-    if kind is None:
-        name = getattr(func, "__name__", "")
-        kind = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__")
-                                             and not name.endswith("__") and name not in _NOT_WRITES)
+        session = self.session
+        if kwargs or type(func) in _OP_TYPES:  # keyword writes (out=, inplace=) or a custom op
+            return session._call(func, args, kwargs or {})
         try:
-            _write_kinds[func] = kind
-        except TypeError:  # unhashable callable: decide each time
-            pass
-    return kind
+            written = _written[func]
+        except (KeyError, TypeError):
+            written = _written_arguments(func)
+        if not written or not session._held:
+            return func(*args)
+        return session._call(func, args, {})
+
+
+_OP_TYPES = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
+_written: dict = {}  # func -> positions of the arguments it writes into (cached per function object)
+
+
+def _written_arguments(func) -> tuple[int, ...]:
+    """Which positional arguments `func` writes into: from the schema for torch.ops operators, else
+    by torch's naming (`add_`, `copy_`, `__iadd__`, `__setitem__`: the first one)."""
+    op = func.default if isinstance(func, torch._ops.OpOverloadPacket) and hasattr(func, "default") else func
+    if isinstance(op, torch._ops.OpOverload):
+        written = tuple(i for i, arg in enumerate(op._schema.arguments)
+                        if not arg.kwarg_only and arg.alias_info is not None and arg.alias_info.is_write)
+    else:
+        name = getattr(func, "__name__", "")
+        first = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__")
+                                              and not name.endswith("__") and name not in _NOT_WRITES)
+        written = (0,) if first else ()
+    try:
+        _written[func] = written
+    except TypeError:  # unhashable callable: decided again each time
+        pass
+    return written
 
 
 _SETITEM = torch.Tensor.__setitem__
@@ -269,7 +295,7 @@ class AutogradSafety:
         saved = _Saved(tensor.detach(), tensor._version)
         extent = _extent(tensor)
         if extent is not None:
-            self._hold(extent, weakref.ref(saved, self._forget(extent.key)), alias=False)
+            self._hold(extent, _Ref(saved, self._forget), alias=False)
         return saved
 
     @staticmethod
@@ -283,48 +309,49 @@ class AutogradSafety:
             )
         return saved.tensor
 
-    def _hold(self, extent: _Extent, ref, alias: bool) -> None:
+    def _hold(self, extent: _Extent, ref: _Ref, alias: bool) -> None:
+        ref.key = extent.key
         self._held.setdefault(extent.key, {})[id(ref)] = _Held(ref, extent, alias)
 
-    def _forget(self, key: int) -> Callable:
-        held = self._held
-
-        def forget(ref):
-            entries = held.get(key)
-            if entries is not None:
-                entries.pop(id(ref), None)
-                if not entries:
-                    del held[key]
-
-        return forget
+    def _forget(self, ref: _Ref) -> None:
+        entries = self._held.get(ref.key)
+        if entries is not None:
+            entries.pop(id(ref), None)
+            if not entries:
+                del self._held[ref.key]
 
     # -- saving inside a checkpoint's recompute -------------------------------------------------
     def _alias_for_recompute(self, tensor: torch.Tensor) -> torch.Tensor:
         alias = tensor.detach()
         extent = _extent(tensor)
         if extent is not None:
-            self._hold(extent, weakref.ref(alias, self._forget(extent.key)), alias=True)
+            self._hold(extent, _Ref(alias, self._forget), alias=True)
         return alias
 
     # -- every torch call ------------------------------------------------------------------------
     def _call(self, func, args, kwargs):
-        if self.reference_ops:
+        if self.reference_ops and type(func) in _OP_TYPES:
             reference = self.reference_ops.get(func)
             if reference is not None:
                 self.rerouted += 1
                 return reference(*args, **kwargs)
-        targets = None
-        if _writes_first_argument(func) and args:
-            if func is _SETITEM and len(args) > 1 and _basic_index(args[1]):
-                targets = [args[0][args[1]]]  # the view written (a view op: cheap, exact)
-            else:
-                targets = list(_tensors_in(args[0]))
+        try:
+            written = _written[func]
+        except (KeyError, TypeError):
+            written = _written_arguments(func)
+        targets = []
+        for position in written:
+            if position < len(args):
+                if func is _SETITEM and len(args) > 1 and _basic_index(args[1]):
+                    targets.append(args[0][args[1]])  # the view written (a view op: cheap, exact)
+                else:
+                    targets.extend(_tensors_in(args[position]))
         if kwargs:
             if kwargs.get("inplace") is True and args and isinstance(args[0], torch.Tensor):
-                targets = (targets or []) + [args[0]]
+                targets.append(args[0])
             out = kwargs.get("out")
             if out is not None:
-                targets = (targets or []) + list(_tensors_in(out))
+                targets.extend(_tensors_in(out))
         if not targets or not self._held:
             return func(*args, **kwargs)
         untouched = self._before_write(targets)
@@ -437,7 +464,7 @@ class _RecomputeHooks:
         try:
             if session._mode is not None and active_session() is not session:
                 stack.enter_context(session._mode)
-            top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            top = _top_saved_tensors_hooks(False)
             outer_pack, outer_unpack = top if top is not None else (_same, _same)
 
             def pack(tensor):
@@ -464,7 +491,13 @@ def recompute_context():
     """For `torch.utils.checkpoint(context_fn=...)`: the context its recompute runs in. Called at
     forward time; a no-op context when no session is active on this thread."""
     session = active_session()
-    return _RecomputeHooks(session) if session is not None else contextlib.nullcontext()
+    if session is None or _top_saved_tensors_hooks is None:
+        return contextlib.nullcontext()
+    return _RecomputeHooks(session)
+
+
+# torch's own accessor (used by torch.compile); present in the torch versions ComfyUI ships with.
+_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
 
 # ---------------------------------------------------------------------------------------------

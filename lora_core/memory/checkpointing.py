@@ -122,7 +122,20 @@ def _checkpointed(forward: Callable) -> Callable:
     def checkpointed_forward(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
+        # Tensor keyword arguments go in positionally: checkpoint saves positional tensors for the
+        # recompute (so a later in-place write into one is caught), but keeps keyword ones as bare
+        # references that such a write would silently change (Flux passes img=, txt=).
+        names = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]
+        if not names:
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
+        others = {name: value for name, value in kwargs.items() if name not in names}
+        count = len(args)
+
+        def positional_forward(*inputs):
+            return forward(*inputs[:count], **others, **dict(zip(names, inputs[count:])))
+
+        return checkpoint(positional_forward, *args, *(kwargs[name] for name in names), use_reentrant=False,
+                          context_fn=_contexts)
 
     return checkpointed_forward
 
@@ -170,8 +183,8 @@ def tensor_storages(tensors) -> set[int]:
 def _private_copy(value):
     if not isinstance(value, torch.Tensor) or type(value) is not torch.Tensor:
         return value
-    copy = value.detach().clone()
-    return copy.requires_grad_() if value.requires_grad else copy
+    # A clone in the graph, not a new leaf: code may write into it in place (a leaf would refuse).
+    return value.clone() if value.requires_grad else value.detach().clone()
 
 
 def measure_block(forward: Callable, args: tuple, kwargs: dict, excluded_storages: set[int]) -> BlockCost:

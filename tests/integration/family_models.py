@@ -33,6 +33,8 @@ class Family:
     extras: Callable[[torch.Generator], dict] = lambda g: {}  # other conditioning keys (pooled_output...)
     state_dict_hints: Callable[[], dict] = dict  # keys get_model reads to choose the model type
     shift: float | None = None  # ComfyUI's flow shift for the family (None: not a shifted flow model)
+    shift_is_mu: bool = False  # ComfyUI samples it with ModelSamplingFlux: sigma = e^mu / (e^mu + 1/t - 1)
+    gradient_dtype: torch.dtype = torch.float64  # of the finite-difference check
     resolution_shift: bool = False  # Flux.1 dev: shift from the image size, as ComfyUI's ModelSamplingFlux node
     needs_inplace_fix: bool = False  # ComfyUI's model code writes into tensors autograd saved
     note: str = ""
@@ -90,18 +92,19 @@ FAMILIES: list[Family] = [
         image_model="chroma", in_channels=64, out_channels=64, context_in_dim=4096, hidden_size=64, mlp_ratio=2.0,
         num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
         in_dim=64, out_dim=64, hidden_dim=32, n_layers=1, txt_ids_dims=[], vec_in_dim=None),
-        (16, 8, 8), (8, 4096), "flow", shift=1.15, needs_inplace_fix=True),
+        (16, 8, 8), (8, 4096), "flow", shift=1.15, shift_is_mu=True, needs_inplace_fix=True),
     Family("flux2", "Flux2", dict(
         image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=7680, hidden_size=64,
         mlp_ratio=3.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 8, 8, 8], theta=2000, patch_size=1,
         qkv_bias=False, guidance_embed=True, txt_ids_dims=[3], global_modulation=True, mlp_silu_act=True,
         ops_bias=False, default_ref_method="index", ref_index_scale=10.0),
-        (128, 4, 4), (8, 7680), "flow", extras=lambda g: {"guidance": 4.0}, shift=2.02, needs_inplace_fix=True),
+        (128, 4, 4), (8, 7680), "flow", extras=lambda g: {"guidance": 4.0}, shift=2.02, shift_is_mu=True,
+        needs_inplace_fix=True),
     Family("sdxl", "SDXL", _unet(2048, 2816), (4, 8, 8), (8, 2048), "eps", _pooled(1280)),
     Family("qwen_image", "QwenImage", dict(
         image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
         num_attention_heads=2, joint_attention_dim=3584, axes_dims_rope=(8, 12, 12)),
-        (16, 1, 8, 8), (8, 3584), "flow", shift=1.15),
+        (16, 1, 8, 8), (8, 3584), "flow", shift=1.15, shift_is_mu=True),
     Family("zimage", "ZImage", dict(
         image_model="lumina2", patch_size=2, in_channels=16, dim=256, cap_feat_dim=2560, n_layers=2,
         n_refiner_layers=1, n_heads=2, n_kv_heads=2, qk_norm=True, axes_dims=[32, 48, 48], axes_lens=[64, 64, 64],
@@ -122,7 +125,7 @@ FAMILIES: list[Family] = [
         image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2,
         caption_channels=4096, num_layers=2),
         (128, 2, 4, 4), (8, 4096), "flow", lambda g: {"attention_mask": torch.ones(1, 8, dtype=torch.long)}, shift=2.37,
-        needs_inplace_fix=True),
+        shift_is_mu=True, needs_inplace_fix=True),
     Family("sd35", "SD3", dict(
         in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=2048,
         context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
@@ -136,7 +139,7 @@ FAMILIES: list[Family] = [
         llama_layers=[0, 1]),
         (16, 8, 8), (8, 4096), "flow",
         extras=lambda g: {"pooled_output": _randn(g, 1, 2048), "conditioning_llama3": _randn(g, 1, 2, 8, 4096)},
-        shift=3.0),
+        shift=1.0, note="ComfyUI's HiDream config sets no shift (workflows add ModelSamplingSD3 3.0)"),
     Family("cosmos_predict2", "CosmosT2IPredict2", dict(
         image_model="cosmos_predict2", max_img_h=64, max_img_w=64, max_frames=8, in_channels=16, out_channels=16,
         patch_spatial=2, patch_temporal=1, concat_padding_mask=True, model_channels=64, num_blocks=2, num_heads=2,
@@ -145,7 +148,20 @@ FAMILIES: list[Family] = [
         rope_h_extrapolation_ratio=4.0, rope_w_extrapolation_ratio=4.0, rope_t_extrapolation_ratio=1.0,
         extra_h_extrapolation_ratio=1.0, extra_w_extrapolation_ratio=1.0, extra_t_extrapolation_ratio=1.0,
         rope_enable_fps_modulation=False),
-        (16, 1, 8, 8), (8, 1024), "flow_cosmos", needs_inplace_fix=True, note="fused comfy_kitchen op"),
+        (16, 1, 8, 8), (8, 1024), "flow", needs_inplace_fix=True, gradient_dtype=torch.float32,
+        note="rectified flow on EDM sigmas (COSMOS_RFLOW); fused comfy_kitchen rope op (no float64 kernel)"),
+    Family("anima", "Anima", dict(
+        image_model="anima", max_img_h=64, max_img_w=64, max_frames=8, in_channels=16, out_channels=16,
+        patch_spatial=2, patch_temporal=1, concat_padding_mask=True, model_channels=64, num_blocks=2, num_heads=2,
+        crossattn_emb_channels=1024, pos_emb_cls="rope3d", pos_emb_learnable=True, pos_emb_interpolation="crop",
+        min_fps=1, max_fps=30, use_adaln_lora=True, adaln_lora_dim=16, extra_per_block_abs_pos_emb=False,
+        rope_h_extrapolation_ratio=4.0, rope_w_extrapolation_ratio=4.0, rope_t_extrapolation_ratio=1.0,
+        extra_h_extrapolation_ratio=1.0, extra_w_extrapolation_ratio=1.0, extra_t_extrapolation_ratio=1.0,
+        rope_enable_fps_modulation=False),
+        (16, 1, 8, 8), (8, 1024), "flow",
+        extras=lambda g: {"t5xxl_ids": torch.randint(0, 32128, (8,), generator=g), "t5xxl_weights": torch.ones(8)},
+        shift=3.0, needs_inplace_fix=True, gradient_dtype=torch.float32,
+        note="Cosmos Predict2 blocks + a fixed-size 1024-wide LLM adapter (frozen; ~130M parameters)"),
     Family("kandinsky5", "Kandinsky5", dict(
         image_model="kandinsky5", in_visual_dim=16, out_visual_dim=16, in_text_dim=3584, in_text_dim2=768,
         time_dim=32, model_dim=64, ff_dim=128, visual_embed_dim=132, patch_size=(1, 2, 2), num_text_blocks=1,

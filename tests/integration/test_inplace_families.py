@@ -8,6 +8,7 @@ Predict2, on a tiny random-weight model built with ComfyUI's own classes (`famil
 - float64: the adapter gradients of one loss through the pack's `ComfyDenoiser`, computed under
   `AutogradSafety` as the training loop does, match central finite differences, and checkpointing
   all blocks and `auto` (after its measuring pass) give the unchecked gradients to float rounding;
+  also with augmented assignments left in place (copy-on-write alone must be right too);
 - fp32, through the training loop itself (`training_session` + `train`, SGD at learning rate 1
   from a known random LoRA, so the first update is the gradient): checkpointing off, auto and
   all_blocks end at the same weights;
@@ -130,7 +131,8 @@ def test_plain_autograd_cannot_train_it(pack, family):
     assert_nothing_left(safety)
 
 
-def test_gradients_match_finite_differences_in_every_checkpointing_mode(pack, family):
+@pytest.mark.parametrize("out_of_place_augmented", [True, False], ids=["out_of_place", "copy_on_write_only"])
+def test_gradients_match_finite_differences_in_every_checkpointing_mode(pack, family, out_of_place_augmented):
     family, weights = family
     glue, safety, checkpointing, _, _, _, attach, _ = imports(pack)
     dtype = torch.float64
@@ -151,7 +153,7 @@ def test_gradients_match_finite_differences_in_every_checkpointing_mode(pack, fa
                 for _ in range(passes):  # `auto` measures on its first pass, keeps activations after
                     for p in params:
                         p.grad = None
-                    with safety.AutogradSafety(d.autograd_reference_ops):
+                    with safety.AutogradSafety(d.autograd_reference_ops, out_of_place_augmented):
                         loss().backward()
             return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
 

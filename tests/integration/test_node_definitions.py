@@ -1,4 +1,4 @@
-"""/object_info lists the pack's thirteen nodes, each input with a tooltip, all under one category root."""
+"""/object_info lists each of the pack's nodes, each input with a tooltip, all under one category root."""
 import pytest
 
 PREFIX = "LoRATrainer_"
@@ -7,6 +7,7 @@ DISPLAY_NAMES = {
     "Make Training Dataset",
     "Resolution Bucket", "Save Training Dataset", "Load Training Dataset", "Train LoRA", "Save LoRA Weights",
     "Load LoRA Model", "Plot Loss Graph", "LoRA Training Settings", "LoRA Memory Settings",
+    "Export Training Job",
 }
 
 
