@@ -185,7 +185,7 @@ _kitchen_references: dict | None = None
 def kitchen_reference_ops() -> dict:
     """{comfy_kitchen op: its eager (plain torch) implementation} for the fused math ops that have
     no autograd formula. The eager backend computes the same values, and autograd differentiates
-    it; `AutogradSafety` calls it instead of the kernel while a gradient is needed."""
+    it; `AutogradSafety` calls it instead of the kernel inside every training step."""
     global _kitchen_references
     if _kitchen_references is None:
         _kitchen_references = _find_kitchen_references()
