@@ -37,6 +37,7 @@ import torch
 
 from ..lora_core.errors import TrainingStopped, UserInputError
 from ..lora_core.lorafile.files import load_lora
+from ..lora_core.lorafile.keys import KohyaNaming
 from ..lora_core.lorafile.resume import load_optimizer_state, resume_point, sidecar_path, steps_done
 from ..lora_core.training.distributed import DataParallel, ReplicaFailed
 from ..lora_core.training.job import TrainingJob, read_job, read_run_state, write_run_state
@@ -154,6 +155,8 @@ class ToyBackend:
 
     def __init__(self, args: argparse.Namespace, job: TrainingJob):
         self.lora_root = self.output_dir = args.output_dir or job.folder / "output"
+        self.kohya_naming = None  # set when the model is open: the kohya export names its layers
+        self.key_aliases = {}  # other names of the model's layers, for continuing foreign files
 
     @contextlib.contextmanager
     def open(self, job: TrainingJob, config: TrainConfig):
@@ -164,6 +167,7 @@ class ToyBackend:
             raise UserInputError("test: this rank was told to fail loading its model")  # fault-injection for tests
         net = ToyNetConfig(**reference.get("net", {}))
         denoiser = make_toy_denoiser(reference.get("prediction_type", "eps"), reference.get("seed", 0), net)
+        self.kohya_naming = KohyaNaming("toy", {name: name for name, _ in denoiser.module.named_modules() if name})
         yield denoiser, f"toy-{denoiser.prediction_type}"
 
 
@@ -180,10 +184,14 @@ class ComfyBackend:
         self.glue, self.job_glue = comfy_glue, job_glue
         self.lora_root = args.output_dir or comfy_glue.lora_root()
         self.output_dir = args.output_dir or comfy_glue.output_directory()
+        self.kohya_naming = None  # set when the model is open: the kohya export names its layers
+        self.key_aliases = {}  # other names of the model's layers, for continuing foreign files
 
     @contextlib.contextmanager
     def open(self, job: TrainingJob, config: TrainConfig):
         model = self.job_glue.load_model(job.model, job.folder)
+        self.kohya_naming = self.glue.kohya_naming(model)
+        self.key_aliases = self.glue.lora_key_aliases(model)
         check = self.glue.low_vram_check(model, config, bool(job.settings.get("quantized_backward", False)))
         with self.glue.training_session(model, config.offloading, check.fp8_backward) as denoiser:
             yield denoiser, self.glue.base_model_name(model)
@@ -252,13 +260,26 @@ def start_point(job: TrainingJob, fresh: bool) -> dict:
             "optimizer": optimizer, "history": history, "target_steps": target}
 
 
+def local_progress(job: TrainingJob, fresh: bool) -> tuple[int, int]:
+    """(finished, checkpoint step) of this machine's copy of the job, to find the most advanced one."""
+    try:
+        state = None if fresh else read_run_state(job.folder)
+    except UserInputError:
+        return (0, -1)
+    if not state:
+        return (0, -1)
+    return (1 if state.get("finished") else 0, int(state.get("step", -1)))
+
+
 class RunRecord:
     """Rank 0's account of the run: loss history across restarts, checkpoints, run_state.json."""
 
-    def __init__(self, job: TrainingJob, backend, base_model: str, history: dict, target_steps: int):
+    def __init__(self, job: TrainingJob, backend, base_model: str, history: dict, target_steps: int,
+                 resumed_at: int = 0):
         self.job, self.backend, self.base_model = job, backend, base_model
         self.history = {k: list(v) for k, v in history.items()}
         self.target_steps = target_steps
+        self.resumed_at = resumed_at
         self.prediction_type = ""
 
     def on_step(self, step: int, loss: float, lr: float) -> None:
@@ -267,7 +288,10 @@ class RunRecord:
         self.history["lr"].append(lr)
 
     def on_validation(self, step: int, value: float) -> None:
-        if not any(s == step for s, _ in self.history["val"]):  # a restart re-measures its first step
+        # A continued run measures its first step again: keep what an uninterrupted run has.
+        every = self.job.config.validation_every_steps
+        off_schedule = step == self.resumed_at and step > 0 and every and step % every
+        if not off_schedule and not any(s == step for s, _ in self.history["val"]):
             self.history["val"].append([step, value])
 
     def result(self, adapter_set, step: int, optimizer_state: dict, stopped_early: bool = False) -> TrainResult:
@@ -294,7 +318,8 @@ class RunRecord:
 
     def write_final(self, result: TrainResult) -> tuple[Path, Path]:
         full = self.result(result.adapter_set, result.total_steps, result.optimizer_state)
-        lora = lora_output(full, self.job.config, self.settings(), self.base_model, self.prediction_type)
+        lora = lora_output(full, self.job.config, self.settings(), self.base_model, self.prediction_type,
+                           self.backend.kohya_naming)
         output = self.job.output
         path = write_lora_file(Path(self.backend.lora_root), lora, output["lora_prefix"], full.total_steps,
                                bool(output.get("kohya_export")))
@@ -336,8 +361,14 @@ def _run(args: argparse.Namespace, replica: DataParallel | None, main: bool, sto
         elif error is not None:
             raise error
 
-        start = replica.from_main(lambda: start_point(job, args.fresh), "read where the job stands") \
-            if replica is not None else start_point(job, args.fresh)
+        if replica is None:
+            start = start_point(job, args.fresh)
+        else:
+            # After a restart on several machines rank 0 may be on another machine than before: the rank
+            # whose job folder is furthest along reads its checkpoint and hands it to all.
+            progress_by_rank = replica.gather(local_progress(job, args.fresh))
+            source = max(range(replica.world_size), key=lambda r: (progress_by_rank[r], -r))
+            start = replica.from_rank(lambda: start_point(job, args.fresh), "read where the job stands", src=source)
         if "finished" in start:
             if main:
                 print(f"This job has finished already: {start['finished']}. Pass --fresh to train it again.")
@@ -345,7 +376,7 @@ def _run(args: argparse.Namespace, replica: DataParallel | None, main: bool, sto
         resume = None
         if start["file"] is not None:
             resume = resume_point(start["tensors"], start["metadata"], denoiser, config, start["file"],
-                                  start["optimizer_state"], start["optimizer"])
+                                  start["optimizer_state"], start["optimizer"], backend.key_aliases)
         done = resume.steps_done if resume is not None else 0
         target = start["target_steps"]
         if done >= target:
@@ -353,7 +384,7 @@ def _run(args: argparse.Namespace, replica: DataParallel | None, main: bool, sto
                                  "do; pass --fresh to train it again.")
         config = dataclasses.replace(config, steps=target - done)
 
-        record = RunRecord(job, backend, base_model, start["history"], target) if main else None
+        record = RunRecord(job, backend, base_model, start["history"], target, done) if main else None
         progress = Progress(done, target, args.log_every, bar=main and not args.no_progress) if main else None
         if main:
             record.prediction_type = denoiser.prediction_type

@@ -134,19 +134,25 @@ class DataParallel:
                 dist.broadcast(value, src=0)
                 parameter.copy_(value.to(parameter.device))
 
-    def from_main(self, make: Callable[[], object], doing: str) -> object:
-        """`make()` run on rank 0 only, its result (any picklable value) given to every rank.
+    def gather(self, value) -> list:
+        """Every rank's `value` (any picklable value), in rank order, on every rank."""
+        values: list = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def from_rank(self, make: Callable[[], object], doing: str, src: int = 0) -> object:
+        """`make()` run on rank `src` only, its result (any picklable value) given to every rank.
 
         The value travels pickled between our own processes (never read from a user's file). A
-        failure in `make` on rank 0 becomes the same `ReplicaFailed` on every rank.
+        failure in `make` becomes the same `ReplicaFailed` on every rank.
         """
         box: list = [None]
-        if self.is_main:
+        if self.rank == src:
             try:
                 box[0] = ("ok", make())
             except Exception as error:  # noqa: BLE001 - handed to every rank, then raised there
-                box[0] = ("error", f"rank 0 ({socket.gethostname()}) could not {doing}: {_describe(error)}")
-        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+                box[0] = ("error", f"rank {src} ({socket.gethostname()}) could not {doing}: {_describe(error)}")
+        dist.broadcast_object_list(box, src=src, device=self.device if self.device.type == "cuda" else None)
         status, value = box[0]
         if status == "error":
             raise ReplicaFailed(value)
@@ -157,9 +163,7 @@ class DataParallel:
         message = None
         if error is not None:
             message = f"rank {self.rank} ({socket.gethostname()}) could not {doing}: {_describe(error)}"
-        messages: list = [None] * self.world_size
-        dist.all_gather_object(messages, message)
-        failed = [m for m in messages if m]
+        failed = [m for m in self.gather(message) if m]
         if failed:
             more = f" (and {len(failed) - 1} more rank(s) failed too)" if len(failed) > 1 else ""
             raise ReplicaFailed(failed[0] + more)

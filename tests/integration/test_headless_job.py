@@ -20,8 +20,12 @@ from it_images import write_images
 
 FOLDER = "it_headless"
 TRAIN = {"steps": 4, "batch_size": 2, "learning_rate": 0.01, "rank": 4, "alpha": 4.0, "seed": 3, "save_every_steps": 2}
-# 2 ranks x 1 sample against 1 process x 2 samples: the same maths, reduced in another order.
-TOLERANCE = dict(rtol=1e-3, atol=1e-4)
+# 2 ranks x 1 sample against 1 process x 2 samples: the same maths, reduced in another order. AdamW's
+# first steps move a weight by about lr whatever the gradient's size, so where a gradient is near zero
+# rounding-level differences become visible: measured 2.6e-6 median and 4.6e-4 largest per-tensor
+# difference at lr 0.01 after 4 steps. A lost or doubled sample moves most weights by ~lr.
+MAX_DIFFERENCE = 0.1 * 0.01
+MEDIAN_DIFFERENCE = 2e-5
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +111,9 @@ def test_torchrun_two_ranks_equal_the_single_process_lora(single, two_ranks):
     two, metadata = read_safetensors(two_ranks[0])
     assert one.keys() == two.keys()
     assert max(np.abs(v).max() for k, v in one.items() if "lora_up" in k) > 1e-3  # training moved the adapters
-    for key in one:
-        np.testing.assert_allclose(two[key], one[key], **TOLERANCE, err_msg=key)
+    differences = {key: float(np.abs(two[key] - one[key]).max()) for key in one}
+    assert max(differences.values()) < MAX_DIFFERENCE, max(differences.items(), key=lambda kv: kv[1])
+    assert float(np.median(list(differences.values()))) < MEDIAN_DIFFERENCE
     settings = json.loads(metadata["training_settings"])
     assert settings["batch_size"] == TRAIN["batch_size"] and settings["training_dtype"] == "fp32"
     assert "over 2 process(es)" in two_ranks[1]

@@ -1,4 +1,4 @@
-"""/object_info lists the pack's thirteen nodes, each input with a tooltip, all under one category root."""
+"""/object_info lists each of the pack's nodes, each input with a tooltip, all under one category root."""
 import pytest
 
 PREFIX = "LoRATrainer_"
