@@ -94,9 +94,10 @@ def main() -> None:
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)
     prompts = opts.prompt or ["a photo of sks toy"]
-    caption = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks toy"))
-    encoded = [clip.encode_from_tokens_scheduled(clip.tokenize(text)) for text in prompts]
-    latents = [vae.encode(image)[0].cpu() for image in training_images(opts.images, opts.size)]
+    with torch.no_grad():  # as ComfyUI runs nodes: no autograd graph behind the dataset
+        caption = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks toy"))
+        encoded = [clip.encode_from_tokens_scheduled(clip.tokenize(text)) for text in prompts]
+        latents = [vae.encode(image)[0].cpu() for image in training_images(opts.images, opts.size)]
     data = TrainingData(latents=latents, conds=[caption])
     values = merged_values(tn.TrainLoRA.define_schema().inputs,
                            {"steps": opts.steps, "sample_every_steps": opts.every}, single)

@@ -12,6 +12,10 @@ The node classes call these functions; `lora_core` never sees a ComfyUI object. 
   that refuse paths leading outside, progress bar + live loss chart, cancel.
 - Bypass application of a LoRA on a ModelPatcher clone through a PatcherInjection, so our hooks
   exist only while that clone is the one loaded and any number of bypass LoRAs stack.
+- LoRA key names: the other names of the model's layers from ComfyUI's own key tables
+  (`comfy.lora.model_lora_keys_unet`, `comfy.utils.unet_to_diffusers`), called, never copied, so
+  files named for diffusers, kohya-ss, musubi-tuner... are read as ComfyUI reads them, and the
+  kohya-ss export uses the names those tools give each family.
 
 Invariant: no hook, wrapper or flag set here outlives the call that set it, except through a
 ModelPatcher clone that owns it.
@@ -22,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
 import time
 import uuid
@@ -33,7 +36,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+import comfy.lora
+import comfy.model_base
 import comfy.model_management
+import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
@@ -41,15 +47,21 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..lora_core.data.paths import is_inside, resolve_inside
+from ..lora_core.adapters.sliced import Slice
+from ..lora_core.data.paths import is_inside
+from ..lora_core.lorafile.keys import KohyaNaming
 from ..lora_core.errors import UserInputError
 from ..lora_core.memory.quantized import LowVramCheck, check_low_vram_settings
+from . import outputs
 from .lists import Throttle, conditioning_entry
 
 log = logging.getLogger(__name__)
 
 # Keep t strictly inside (0, 1): percent_to_sigma(0) is "infinite" noise for discrete models.
 _PERCENT_EPS = 1e-5
+# Flux.1's resolution-dependent shift: mu from 0.5 at 256 image tokens to 1.15 at 4096 (ComfyUI's
+# ModelSamplingFlux node defaults, the values of the Flux reference code).
+FLUX_BASE_SHIFT, FLUX_MAX_SHIFT = 0.5, 1.15
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,12 +83,29 @@ class ComfyDenoiser:
         self.prediction_type = _prediction_name(self.base)
         self.device = patcher.load_device
         self._encoded: dict[tuple, tuple[object, dict]] = {}
+        self._references_checked = False
 
     # -- noise levels -------------------------------------------------------------------------
-    def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
+    def sigma_at(self, t: torch.Tensor, latent_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         percents = (1.0 - t.detach().float().flatten().cpu()).clamp(_PERCENT_EPS, 1.0 - _PERCENT_EPS)
-        sigmas = [float(self.sampling.percent_to_sigma(float(p))) for p in percents]
+        mu = self._resolution_shift(latent_shape)
+        if mu is not None:
+            sigmas = [comfy.model_sampling.flux_time_shift(mu, 1.0, 1.0 - float(p)) for p in percents]
+        else:
+            sigmas = [float(self.sampling.percent_to_sigma(float(p))) for p in percents]
         return torch.tensor(sigmas, dtype=torch.float32, device=t.device)
+
+    def _resolution_shift(self, latent_shape: tuple[int, ...] | None) -> float | None:
+        """Flux.1 dev's shift for this image size (mu of ComfyUI's ModelSamplingFlux node, the schedule
+        Flux was trained with and what ai-toolkit / musubi-tuner train it with); None for every other
+        model, and when a model-sampling node already set the shift (the user's choice wins)."""
+        if (latent_shape is None or len(latent_shape) < 2 or type(self.base) is not comfy.model_base.Flux
+                or not isinstance(self.sampling, comfy.model_sampling.ModelSamplingFlux)
+                or "model_sampling" in self.patcher.object_patches):
+            return None
+        tokens = latent_shape[-2] * latent_shape[-1] / 4  # 2x2 latent patches
+        slope = (FLUX_MAX_SHIFT - FLUX_BASE_SHIFT) / (4096 - 256)
+        return FLUX_BASE_SHIFT + slope * (tokens - 256)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = sigma.to(device=x0.device, dtype=torch.float32).flatten()
@@ -94,6 +123,11 @@ class ComfyDenoiser:
 
     def prepare_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.base.process_latent_in(latents)
+
+    @property
+    def autograd_reference_ops(self) -> dict:
+        """Fused ops the model may call that autograd cannot differentiate, with a torch twin."""
+        return kitchen_reference_ops()
 
     # -- the forward pass -----------------------------------------------------------------------
     def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, conds: list) -> torch.Tensor:
@@ -128,21 +162,84 @@ class ComfyDenoiser:
         key = (id(cond), tuple(like.shape[1:]))
         hit = self._encoded.get(key)
         if hit is None:
-            entry = comfy.sampler_helpers.convert_cond([conditioning_entry(cond)])[0]
             shape_probe = torch.zeros(like.shape, dtype=torch.float32)
-            encoded = comfy.samplers.encode_model_conds(
-                self.base.extra_conds, [entry], shape_probe, self.device, "positive",
-                latent_image=shape_probe, seed=0,
-            )[0]
+
+            def encode(entry: list) -> dict:
+                converted = comfy.sampler_helpers.convert_cond([entry])[0]
+                return comfy.samplers.encode_model_conds(
+                    self.base.extra_conds, [converted], shape_probe, self.device, "positive",
+                    latent_image=shape_probe, seed=0,
+                )[0]["model_conds"]
+
+            entry = conditioning_entry(cond)
+            if "reference_latents" in entry[1] and not self._references_checked:
+                from .edit_glue import check_model_takes_references  # edit pairs: does this model read them?
+
+                check_model_takes_references(self.base, type(self.base.model_config).__name__, entry, encode)
+                self._references_checked = True
+            encoded = {"model_conds": encode(entry)}
             # Holding `cond` keeps its id from being reused by another object.
             hit = (cond, encoded["model_conds"])
             self._encoded[key] = hit
         return hit[1]
 
 
+# comfy_kitchen's fused rope / norm kernels (Cosmos Predict2 and Anima call them whatever
+# `in_training` says). Quantization and matmul kernels are left to ComfyUI's own training paths.
+_KITCHEN_MATH_OPS = ("apply_rope", "rms_rope", "adaln", "rms_adaln")
+_kitchen_references: dict | None = None
+
+
+def kitchen_reference_ops() -> dict:
+    """{comfy_kitchen op: its eager (plain torch) implementation} for the fused math ops that have
+    no autograd formula. The eager backend computes the same values, and autograd differentiates
+    it; `AutogradSafety` calls it instead of the kernel inside every training step."""
+    global _kitchen_references
+    if _kitchen_references is None:
+        _kitchen_references = _find_kitchen_references()
+    return _kitchen_references
+
+
+def _find_kitchen_references() -> dict:
+    try:
+        from comfy_kitchen.backends import eager
+        from torch._library.custom_ops import OPDEFS
+    except ImportError:
+        return {}
+    found = {}
+    names = {n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+             if n.startswith("comfy_kitchen::")}
+    for name in sorted(names):
+        definition = OPDEFS.get(f"comfy_kitchen::{name}")
+        function = getattr(eager, name, None)
+        if (not name.startswith(_KITCHEN_MATH_OPS) or function is None or definition is None
+                or definition._backward_fn is not None):
+            continue
+        packet = getattr(torch.ops.comfy_kitchen, name)
+        schema = packet.default._schema
+        if any(arg.alias_info is not None and arg.alias_info.is_write for arg in schema.arguments):
+            continue  # in-place variants: inference only
+        reference = _called_by_name(function, [arg.name for arg in schema.arguments])
+        found[packet] = reference
+        for overload in packet.overloads():
+            found[getattr(packet, overload)] = reference
+    return found
+
+
+def _called_by_name(function: Callable, names: list[str]) -> Callable:
+    # The kernels' positional arguments, passed by name: the eager functions share the schema's names.
+    def reference(*args, **kwargs):
+        return function(**dict(zip(names, args)), **kwargs)
+
+    return reference
+
+
 def _prediction_name(base) -> str:
     name = getattr(base.model_type, "name", str(base.model_type)).lower()
-    return {"eps": "eps", "v_prediction": "v", "flow": "flow", "edm": "edm"}.get(name, name)
+    # FLUX (Flux, Chroma, Qwen-Image, LTX) and FLOW_COSMOS are flow matching too: the network
+    # predicts the velocity noise - x0, like FLOW; they differ only in how sigma is spaced / scaled.
+    return {"eps": "eps", "v_prediction": "v", "flow": "flow", "flux": "flow", "flow_cosmos": "flow",
+            "edm": "edm"}.get(name, name)
 
 
 def _per_sample_vector(values, sigma: torch.Tensor) -> torch.Tensor:
@@ -229,6 +326,49 @@ def base_model_name(model) -> str:
     return type(model.model.model_config).__name__
 
 
+# Families the family matrix (tests/integration/test_family_matrix.py) trains, for messages.
+TESTED_FAMILIES = ("Flux.1 dev / schnell, Chroma, Flux.2, SDXL, SD1.5, SD2.x (v), SD3.5, Qwen-Image, Z-Image, "
+                   "Wan 2.1 T2V / I2V, Wan 2.2 5B and 14B, HunyuanVideo 1.5, LTX-Video, HiDream, "
+                   "Cosmos Predict2, Kandinsky 5, AuraFlow")
+_AUDIO = "an audio model: the trainer takes image and video latents only"
+_THREE_D = "a 3D-asset model: the trainer takes image and video latents only"
+_NOT_DIFFUSION = "not a diffusion model, so there is nothing to denoise"
+_PACKED = "audio and video latents travel packed in one tensor, which the trainer does not split yet"
+# ComfyUI model config class -> why Train LoRA cannot train it.
+UNSUPPORTED_FAMILIES = {
+    "StableAudio": _AUDIO, "StableAudio3": _AUDIO, "ACEStep": _AUDIO, "ACEStep15": _AUDIO,
+    "MiniMaxMusic3": _AUDIO, "LTXAV": _PACKED, "MiniMaxH3": _PACKED,
+    "Hunyuan3Dv2": _THREE_D, "Hunyuan3Dv2_1": _THREE_D, "Hunyuan3Dv2mini": _THREE_D, "Trellis2": _THREE_D,
+    "TripoSplat": _THREE_D,
+    "SAM3": _NOT_DIFFUSION, "SAM31": _NOT_DIFFUSION, "RT_DETR_v4": _NOT_DIFFUSION, "DepthAnything3": _NOT_DIFFUSION,
+}
+# Model types whose sampling does not start from noise (image-to-image predictors).
+_NO_NOISE_TYPES = ("IMG_TO_IMG", "IMG_TO_IMG_FLOW")
+
+
+def check_trainable(model) -> None:
+    """Refuse, naming the family, a model Train LoRA cannot train: before anything is loaded, so
+    the user sees why instead of a traceback from inside the model."""
+    inner = getattr(model, "model", None)
+    config = getattr(inner, "model_config", None)
+    if inner is None or config is None:
+        raise UserInputError(
+            f"The model input is a {type(model).__name__}, not a diffusion model: connect the MODEL output of a "
+            "checkpoint or diffusion-model loader.")
+    family = type(config).__name__
+    reason = UNSUPPORTED_FAMILIES.get(family)
+    model_type = getattr(getattr(inner, "model_type", None), "name", "")
+    if reason is None and model_type in _NO_NOISE_TYPES:
+        reason = f"its model type {model_type} predicts from an image, not from noise"
+    if reason is None and not all(hasattr(getattr(inner, "model_sampling", None), name)
+                                  for name in ("percent_to_sigma", "noise_scaling", "calculate_denoised")):
+        reason = "its noise schedule is not one ComfyUI samples with (no model_sampling)"
+    if reason is not None:
+        raise UserInputError(
+            f"Train LoRA cannot train this model: it is ComfyUI's {family} family, {reason}. "
+            f"Families it trains: {TESTED_FAMILIES}.")
+
+
 # --------------------------------------------------------------------------------------------
 # Dataset encoding
 # --------------------------------------------------------------------------------------------
@@ -308,19 +448,14 @@ def lora_roots_text() -> list[str]:
     return [str(p) for p in folder_paths.get_folder_paths("loras")]
 
 
+def lora_root() -> Path:
+    """The loras folder files are saved into (the first one ComfyUI lists)."""
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
 def lora_save_folder(prefix: str) -> tuple[Path, str]:
     """(folder, file-name prefix) for a save prefix like "my_project/character" inside loras/."""
-    root = Path(folder_paths.get_folder_paths("loras")[0])
-    text = prefix.strip().replace("\\", "/")
-    if not text or text.endswith("/"):
-        raise UserInputError(
-            f"The file prefix {prefix!r} has no file name: use e.g. 'my_lora' or 'project/my_lora'."
-        )
-    folder_part, _, name = text.rpartition("/")
-    folder = resolve_inside(root, folder_part, "prefix folder") if folder_part else root
-    if not is_inside(root, folder):
-        raise UserInputError(f"The prefix {prefix!r} leads outside {root}: give a path inside the loras folder.")
-    return folder, name
+    return outputs.prefix_folder(lora_root(), prefix)
 
 
 def refresh_lora_list() -> None:
@@ -330,6 +465,10 @@ def refresh_lora_list() -> None:
 
 def dataset_roots() -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths("datasets")]
+
+
+def output_directory() -> Path:
+    return Path(folder_paths.get_output_directory())
 
 
 def output_folder(path_text: str) -> tuple[Path, str]:
@@ -345,24 +484,7 @@ def output_folder(path_text: str) -> tuple[Path, str]:
 
 def output_image_path(prefix: str) -> tuple[Path, str]:
     """(a new, never-used PNG path under output/ for `prefix`, its subfolder relative to output/)."""
-    output_dir = Path(folder_paths.get_output_directory())
-    text = prefix.strip().replace("\\", "/")
-    folder_part, _, name = text.rpartition("/")
-    if not name:
-        raise UserInputError(f"The file prefix {prefix!r} has no file name: use e.g. 'loss_graph' or 'runs/loss'.")
-    folder = resolve_inside(output_dir, folder_part, "prefix folder") if folder_part else output_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    counter = 1
-    pattern = re.compile(rf"^{re.escape(name)}_(\d{{5,}})_\.png$")
-    for existing in os.listdir(folder):
-        match = pattern.match(existing)
-        if match:
-            counter = max(counter, int(match.group(1)) + 1)
-    path = folder / f"{name}_{counter:05d}_.png"
-    while path.exists():
-        counter += 1
-        path = folder / f"{name}_{counter:05d}_.png"
-    return path, folder.relative_to(output_dir).as_posix() if folder != output_dir else ""
+    return outputs.output_image_path(output_directory(), prefix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,3 +619,73 @@ def apply_bypass(model, attach: Callable[[torch.nn.Module], object]):
 def diffusion_module_names(model) -> list[str]:
     """Dotted module names of the diffusion model (to map kohya / PEFT keys onto it)."""
     return [name for name, _ in model.model.diffusion_model.named_modules() if name]
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA key names
+# --------------------------------------------------------------------------------------------
+
+_MODEL_PREFIX = "diffusion_model."
+
+
+def lora_key_aliases(model) -> dict[str, str | Slice]:
+    """Every other name ComfyUI's loader knows for the diffusion model's layers (kohya-ss with
+    diffusers block names, diffusers/PEFT, OneTrainer, SimpleTuner LyCORIS...) -> our module name,
+    or the Slice of a fused layer ComfyUI patches for it (diffusers Flux/SD3 `to_q` -> `qkv`)."""
+    aliases: dict[str, str | Slice] = {}
+    for name, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
+        if isinstance(target, tuple):
+            # (weight, (dim, offset, size)): rows of a fused layer. Entries that also transform the
+            # weight (a third element, e.g. Flux's swapped norm_out scale/shift) have no bypass form.
+            if len(target) != 2 or not isinstance(target[1], tuple) or len(target[1]) != 3:
+                continue
+            weight, (dim, offset, size) = target
+            if dim == 0 and _is_model_weight(weight):
+                aliases[name] = Slice(weight[len(_MODEL_PREFIX):-len(".weight")], int(offset), int(size))
+        elif isinstance(target, str) and _is_model_weight(target):
+            aliases[name] = target[len(_MODEL_PREFIX):-len(".weight")]
+    return aliases
+
+
+def _is_model_weight(key) -> bool:
+    return isinstance(key, str) and key.startswith(_MODEL_PREFIX) and key.endswith(".weight")
+
+
+# ComfyUI model config -> (family, how kohya-ss / musubi-tuner name its layers, their ss_* fields).
+# "diffusers": sd-scripts builds SD1.x/2.x as a diffusers-named UNet; "own": the tool's model uses
+# ComfyUI's names (SDXL's LDM UNet in sd-scripts, BFL Flux, original Wan, Qwen-Image);
+# "original_hunyuan": musubi-tuner's HunyuanVideo keeps the original names (img_attn_qkv, mlp.fc1),
+# which ComfyUI's table lists under "transformer.".
+_KOHYA_FAMILIES = {
+    "SD15": ("SD1.x", "diffusers", {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1", "ss_v2": "False"}),
+    "SD20": ("SD2.x", "diffusers", {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v2", "ss_v2": "True"}),
+    "SDXL": ("SDXL", "own", {"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"}),
+    "Flux": ("Flux", "own", {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"}),
+    "FluxSchnell": ("Flux", "own", {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"}),
+    "WAN21_T2V": ("Wan", "own", {"ss_network_module": "networks.lora_wan"}),
+    "WAN21_I2V": ("Wan", "own", {"ss_network_module": "networks.lora_wan"}),
+    "WAN22_T2V": ("Wan", "own", {"ss_network_module": "networks.lora_wan"}),
+    "HunyuanVideo": ("HunyuanVideo", "original_hunyuan", {"ss_network_module": "networks.lora"}),
+    "QwenImage": ("Qwen-Image", "own", {"ss_network_module": "networks.lora_qwen_image"}),
+}
+
+
+def kohya_naming(model) -> KohyaNaming:
+    """How kohya-ss / musubi-tuner name this model's layers, or why there is no kohya export."""
+    config = base_model_name(model)
+    if config not in _KOHYA_FAMILIES:
+        return KohyaNaming(config, None, reason=(
+            f"the layer names kohya-ss / musubi-tuner write for {config} models are not confirmed for this pack, "
+            "and a guessed name would load as nothing in those tools."))
+    family, how, fields = _KOHYA_FAMILIES[config]
+    modules = diffusion_module_names(model)
+    if how == "own":
+        names = {name: name for name in modules}
+    elif how == "diffusers":
+        table = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+        names = {ldm[:-len(".weight")]: diffusers[:-len(".weight")]
+                 for diffusers, ldm in table.items() if diffusers.endswith(".weight")}
+    else:
+        names = {target: alias[len("transformer."):] for alias, target in lora_key_aliases(model).items()
+                 if isinstance(target, str) and alias.startswith("transformer.")}
+    return KohyaNaming(family, names, dict(fields))

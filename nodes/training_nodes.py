@@ -26,11 +26,12 @@ from ..lora_core.adapters.targets import TargetSpec
 from ..lora_core.training.loop import (NonFiniteLoss, TrainCallbacks, TrainConfig, TrainingData,
                                  TrainResult, train)
 from . import comfy_glue as glue
-from .lists import loss_summary, single, training_samples
+from .lists import single, training_samples
 from .lora_nodes import LORA_MODEL, LOSS_MAP, relative_lora_name, write_lora
+from .outputs import NODE_ONLY_SETTINGS, lora_output  # noqa: F401 (re-exported)
 from .training_settings import NODES as SETTINGS_NODES
-from .training_settings import (LORA_DTYPES, LOSS_LABELS, MEMORY_SETTINGS, SAMPLE_SETTINGS, TRAINING_SETTINGS,
-                                merged_values)
+from .training_settings import (LORA_DTYPES, LOSS_LABELS, MEMORY_SETTINGS, SAMPLE_SETTINGS,  # noqa: F401
+                                TRAINING_SETTINGS, merged_values)
 from .sample_files import prompt_texts, row_strip, stack_vertically
 from .sampling_glue import SampleRequest, TrainingSamples, no_output, sample_request
 
@@ -91,6 +92,8 @@ def train_config(v: dict, mixed_sizes: bool) -> TrainConfig:
             min_snr_gamma=v["min_snr_gamma"],
             loss_function=LOSS_LABELS.get(v["loss_function"], v["loss_function"]),
             noise_offset=v["noise_offset"],
+            min_noise_level=v["min_noise_level"],
+            max_noise_level=v["max_noise_level"],
         ),
         adapter=AdapterSpec(
             algorithm=ALGORITHM_LABELS.get(v["algorithm"], v["algorithm"]),
@@ -116,29 +119,6 @@ def train_config(v: dict, mixed_sizes: bool) -> TrainConfig:
         validation_every_steps=v["validation_every_steps"],
         validation_samples=v["validation_samples"],
     )
-
-
-# Widgets that shape the run but are not part of TrainConfig, recorded in the file too.
-NODE_ONLY_SETTINGS = ("lora_dtype", "quantized_backward", "bucket_mode", "existing_lora")
-
-
-def lora_output(result: TrainResult, config: TrainConfig, v: dict, base_model: str,
-                prediction_type: str) -> LoraModel:
-    """The LORA_MODEL: ComfyUI-internal tensors in lora_dtype (alphas stay float32), metadata,
-    optimizer state."""
-    dtype = LORA_DTYPES[v["lora_dtype"]]
-    tensors = {
-        key: tensor if key.endswith(".alpha") or not tensor.is_floating_point() else tensor.to(dtype)
-        for key, tensor in result.adapter_set.to_state_dict().items()
-    }
-    metadata = resume.training_metadata(config, result.total_steps, result.loss, extra={
-        "base_model": base_model,
-        "prediction_type": prediction_type,
-        "node_settings": {name: v[name] for name in NODE_ONLY_SETTINGS},
-        "loss_summary": loss_summary(result.loss),
-        "stopped_early": str(result.stopped_early).lower(),
-    })
-    return LoraModel({k: t.detach().cpu() for k, t in tensors.items()}, metadata, result.optimizer_state)
 
 
 class TrainLoRA(io.ComfyNode):
@@ -232,22 +212,33 @@ class TrainLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, latents, positive, sample_prompts=None, sample_negative=None, vae=None,
                 **inputs) -> io.NodeOutput:
-        values = merged_values(cls.define_schema().inputs, inputs, single)
-        model = single(model)
-        samples, conds = training_samples(latents, positive)
-        mixed_sizes = len({tuple(x.shape) for x in samples}) > 1
-        config = train_config(values, mixed_sizes)
-        data = TrainingData(latents=samples, conds=conds)
-        request = None
+        model, data, config, values = training_inputs(model, latents, positive, inputs)
+        sampling = None
         if sample_prompts:
             hidden = getattr(cls, "hidden", None)
             api_prompt = getattr(hidden, "prompt", None)
             texts = prompt_texts(api_prompt, getattr(hidden, "unique_id", None), "sample_prompts",
                                  len(sample_prompts))
-            request = SampleSink(sample_request(sample_prompts, sample_negative, single(vae),
-                                                values["sample_settings"], texts),
-                                 api_prompt, getattr(hidden, "extra_pnginfo", None))
-        return run_training(model, data, config, values, request)
+            sampling = SampleSink(sample_request(sample_prompts, sample_negative, single(vae),
+                                                 values["sample_settings"], texts),
+                                  api_prompt, getattr(hidden, "extra_pnginfo", None))
+        return run_training(model, data, config, values, sampling)
+
+
+# Train LoRA inputs that only draw sample images (Export Training Job leaves them out: jobs do not sample).
+SAMPLING_INPUTS = ("sample_every_steps", "sample_prompts", "sample_negative", "vae", "sample_settings")
+
+
+def training_inputs(model, latents, positive, inputs: dict) -> tuple[object, TrainingData, TrainConfig, dict]:
+    """(model, data, engine config, every setting) from Train LoRA's list inputs (its settings nodes'
+    values merged in); Export Training Job takes the same inputs through here, so a job trains what
+    the node would."""
+    values = merged_values(TrainLoRA.define_schema().inputs, inputs, single)
+    glue.check_trainable(single(model))  # before the dataset is read: audio / 3D latents would fail there
+    samples, conds = training_samples(latents, positive)
+    mixed_sizes = len({tuple(x.shape) for x in samples}) > 1
+    config = train_config(values, mixed_sizes)
+    return single(model), TrainingData(latents=samples, conds=conds), config, values
 
 
 @dataclass
@@ -261,6 +252,7 @@ class SampleSink:
 
 def run_training(model, data: TrainingData, config: TrainConfig, v: dict,
                  sampling: SampleSink | None = None) -> io.NodeOutput:
+    glue.check_trainable(model)  # first: a family we cannot train is named before anything loads
     base_model = glue.base_model_name(model)
     checkpoints = CheckpointWriter(config, v, base_model)
     fp8_backward = glue.low_vram_check(model, config, v["quantized_backward"]).fp8_backward
@@ -297,7 +289,7 @@ def run_training(model, data: TrainingData, config: TrainConfig, v: dict,
             raise UserInputError(f"{stop} Last good weights: loras/{path}.") from stop
         finally:
             progress.close()
-        lora = lora_output(result, config, v, base_model, denoiser.prediction_type)
+        lora = lora_output(result, config, v, base_model, denoiser.prediction_type, glue.kohya_naming(model))
     if result.stopped_early:
         path = checkpoints.write(lora, result.total_steps)
         log.info("[LoRA Trainer] cancelled at step %d; checkpoint %s", result.total_steps, path)
@@ -330,7 +322,8 @@ def _chart(history: list[float], samples: TrainingSamples | None = None) -> Imag
 def load_resume(name: str, denoiser, config: TrainConfig):
     if not name or name == glue.NO_LORA:
         return None
-    return resume.resume_from_file(glue.lora_path(name), denoiser, config)
+    aliases = glue.lora_key_aliases(denoiser.patcher)
+    return resume.resume_from_file(glue.lora_path(name), denoiser, config, aliases)
 
 
 class CheckpointWriter:

@@ -10,13 +10,13 @@ setting takes the default listed here.
 
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 from ..lora_core.adapters.targets import PRESETS
 from ..lora_core.errors import UserInputError
 from ..lora_core.training.loop import CHECKPOINT_POLICIES
 from . import sampling_glue
+from .outputs import LORA_DTYPES  # one table for the widget and the files
 
 CATEGORY = "LoRA Trainer/training"
 PREFIX = "LoRATrainer_"
@@ -26,7 +26,6 @@ MEMORY_SETTINGS = io.Custom("LORA_MEMORY_SETTINGS")
 SAMPLE_SETTINGS = io.Custom("LORA_SAMPLE_SETTINGS")
 
 LOSS_LABELS = {"MSE": "mse", "L1": "l1", "Huber": "huber", "SmoothL1": "smooth_l1"}
-LORA_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def training_setting_inputs() -> list:
@@ -53,6 +52,14 @@ def training_setting_inputs() -> list:
         io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Extra per-channel noise so the model learns very dark / bright images (0 = off, "
                                "0.05 typical)."),
+        io.Float.Input("min_noise_level", default=0.0, min=0.0, max=1.0, step=0.001,
+                       tooltip="Train only at noise levels from this one up (0 = from clean; noise level = sigma / "
+                               "the model's largest sigma, for flow models sigma itself, musubi-tuner's timestep / "
+                               "1000). Wan 2.2 14B high-noise expert: 0.875 (T2V) or 0.9 (I2V), with "
+                               "max_noise_level 1."),
+        io.Float.Input("max_noise_level", default=1.0, min=0.0, max=1.0, step=0.001,
+                       tooltip="Train only at noise levels up to this one (1 = pure noise). Wan 2.2 14B low-noise "
+                               "expert: 0.875 (T2V) or 0.9 (I2V), with min_noise_level 0."),
         io.Combo.Input("lr_scheduler", options=["constant", "linear", "cosine"], default="constant",
                        tooltip="Learning-rate schedule over the run's steps."),
         io.Int.Input("warmup_steps", default=0, min=0, max=100000,
@@ -64,9 +71,11 @@ def training_setting_inputs() -> list:
         io.Float.Input("loraplus_ratio", default=1.0, min=0.01, max=64.0, step=0.5,
                        tooltip="LoRA+: the up factors learn this many times faster (16 in the paper); 1 = off."),
         io.Combo.Input("target_preset", options=list(PRESETS) + ["none"], default="all",
-                       tooltip="Which layers get adapters: all Linear/Conv layers (default; what ComfyUI's trainer "
-                               "adapts too), attention + MLP only (smaller, a little faster), attention only, or "
-                               "none (only include_patterns)."),
+                       tooltip="Which layers get adapters: all = every Linear/Conv inside the model's blocks "
+                               "(default; transformers: attention + MLP, UNets: + res-block convs), attention + MLP "
+                               "only, attention only, or none (only include_patterns). Embedders, final layers and "
+                               "modulation (adaLN) never train unless named in include_patterns (as musubi-tuner / "
+                               "ai-toolkit do)."),
         io.String.Input("include_patterns", default="",
                         tooltip="Extra layers: regular expressions on module names, comma or newline separated, "
                                 "e.g. 'proj_in, time_embed'."),
@@ -79,7 +88,9 @@ def training_setting_inputs() -> list:
         io.Int.Input("lokr_factor", default=-1, min=-1, max=256,
                      tooltip="LoKr: Kronecker factor of the first dimension (-1 = balanced)."),
         io.Int.Input("oft_block_size", default=32, min=2, max=1024,
-                     tooltip="OFT: size of the orthogonal blocks (32 usual)."),
+                     tooltip="OFT block size as LyCORIS' dim and ComfyUI's trainer rank mean it: each layer's output "
+                             "channels split by factorization(channels, this), the smaller factor being the block "
+                             "size (32: 1280 channels in 40 blocks of 32, 320 in 20 blocks of 16)."),
         io.Combo.Input("lora_dtype", options=list(LORA_DTYPES), default="bf16",
                        tooltip="Dtype of the output LoRA tensors (training itself keeps float32 weights). bf16 "
                                "halves the file; fp32 keeps every bit."),

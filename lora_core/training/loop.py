@@ -5,7 +5,9 @@ then one optimizer step per iteration (micro-batches, accumulate, clip, step, re
 result. Every random draw comes from a generator seeded by (seed, purpose, position) (see
 `training/seeds.py`), so the same inputs and seed on CPU give bit-identical weights, a run resumed
 at step N continues exactly as an uninterrupted one, and batch 4 sees per sample what 2 x 2
-accumulation sees.
+accumulation sees. Launched by torchrun, each process trains a replica on its share of every
+micro-batch and the adapter gradients are summed over the ranks (`training/distributed.py`), so
+the result does not depend on the number of processes.
 
 Adapters, checkpointing and the frozen flags are undone by an ExitStack (try/finally): a cancel
 that arrives as a `BaseException` from a callback (ComfyUI's progress bar does this) leaves the
@@ -26,6 +28,7 @@ from torch import Tensor
 from ..adapters.adapter_set import AdapterSet
 from ..adapters import AdapterSpec
 from ..adapters.attach import attach_bypass, attach_merged
+from ..memory.autograd_safety import AutogradSafety
 from ..memory.checkpointing import GradientCheckpointing
 from ..memory.device_memory import activation_budget
 from .denoiser import Denoiser
@@ -36,6 +39,7 @@ from .optim import align_optimizer_state, make_optimizer, normalise_optimizer_na
 from ..memory.quantized import require_bypass_for_quantized
 from .schedule import check_scheduler, lr_multiplier
 from ..adapters.targets import TargetSpec
+from .distributed import DataParallel
 from .plan import BatchPlan, MicroBatch
 from .precision import Precision, check_training_dtype
 from .sampling import SampleSchedule
@@ -151,6 +155,7 @@ class TrainCallbacks:
     # (global step, adapters, optimizer state on CPU) every `save_every_steps` before the last step. The
     # adapters are the live ones: save them (`to_state_dict` copies) inside the callback.
     on_checkpoint: Callable[[int, AdapterSet, dict], None] | None = None
+    on_validation: Callable[[int, float], None] | None = None  # (global step, validation loss)
     # (global step) where `sample_schedule` says, between steps, under no_grad, with the adapters
     # attached: the model computes with the current weights (render sample images here). Whatever
     # it does must leave the model and the random state as it found them.
@@ -241,21 +246,33 @@ def validation_loss(
 
 
 def _forward_backward(denoiser: Denoiser, data: TrainingData, objective: Objective, precision: Precision,
-                      micro_batches: list[MicroBatch], seed: int, device: torch.device) -> float:
+                      micro_batches: list[MicroBatch], seed: int, device: torch.device,
+                      replica: DataParallel | None = None, trainable: list | None = None,
+                      reference_ops=None) -> float:
     """The step's loss, its gradient accumulated into the adapters. Each micro-batch's loss is its
     share of the step's mean, so accumulation sums to the same gradient as one batch. Activations
-    live only in this frame."""
+    live only in this frame, so nothing of them is left when a sample is drawn between steps."""
     sample_count = sum(len(b.indices) for b in micro_batches)
     summed_loss = torch.zeros((), device=device)
     for batch in micro_batches:
+        if replica is not None:
+            batch = replica.share(batch)
+            if not batch.indices:
+                continue  # fewer samples than ranks: this rank adds a zero gradient
         x0 = _latent_batch(denoiser, data, batch.indices, device)
         t, noise = _draws(objective, batch, x0, seed)
         conds = [data.cond(i) for i in batch.indices]
-        with precision.autocast():
-            per_sample = objective.loss_at(denoiser, x0, conds, t.to(device), noise.to(device))
-        loss = per_sample.sum() / sample_count
-        precision.backward(loss)
+        # Model code written for inference writes into tensors autograd saved (and calls
+        # fused ops without gradients): made safe for this forward + backward only.
+        with AutogradSafety(reference_ops):
+            with precision.autocast():
+                per_sample = objective.loss_at(denoiser, x0, conds, t.to(device), noise.to(device))
+            loss = per_sample.sum() / sample_count
+            precision.backward(loss)
         summed_loss += loss.detach()
+    if replica is not None:
+        summed_loss = replica.sum(summed_loss)
+        replica.reduce_gradients(trainable)
     return summed_loss.item()
 
 
@@ -279,7 +296,11 @@ def train(
     callbacks: TrainCallbacks | None = None,
     resume: ResumePoint | None = None,
     validation_data: TrainingData | None = None,
+    replica: DataParallel | None = None,
 ) -> TrainResult:
+    """Train adapters on `denoiser`. With `replica` (one process of a torchrun group) every rank
+    runs this with the same arguments; `config.batch_size` stays the step's total over all ranks,
+    validation runs on rank 0 only, and callbacks should write files on rank 0 only."""
     callbacks = callbacks or TrainCallbacks()
     device = torch.device(denoiser.device)
     objective = Objective(config.objective)
@@ -296,6 +317,9 @@ def train(
     else:
         adapter_set, steps_done = resume.adapter_set, resume.steps_done
     adapter_set = adapter_set.to(device=device, dtype=torch.float32)
+    if replica is not None:
+        replica.broadcast_parameters(adapter_set.parameters())
+    validate = config.validation_every_steps and (replica is None or replica.is_main)
 
     optimizer = make_optimizer(
         config.optimizer,
@@ -323,6 +347,7 @@ def train(
     # Quantized (float8 / packed) weights cannot hold W + dW: only bypass hooks train on them.
     require_bypass_for_quantized(denoiser.module, config.bypass)
     attach = attach_bypass if config.bypass else lambda m, s: attach_merged(m, s, trainable=True)
+    reference_ops = getattr(denoiser, "autograd_reference_ops", None)  # optional part of the protocol
     step = steps_done
     with contextlib.ExitStack() as attached:
         attached.enter_context(_frozen(denoiser.module))
@@ -337,23 +362,32 @@ def train(
         if config.offloading:  # after attach: a merge parametrization's weight is streamed too
             offloader = attached.enter_context(BlockOffloader(denoiser.module, device, depth=config.checkpoint_depth))
 
-        if config.validation_every_steps:
+        def record_validation() -> None:
             val_history.append((step, validation_loss(denoiser, objective, validation_data, config.validation_samples,
                                                       config.seed, precision, device)))
+            if callbacks.on_validation is not None:
+                callbacks.on_validation(*val_history[-1])
+
+        if validate:
+            record_validation()
 
         def sample_if_due(at: int) -> None:
             # Between steps nothing of a step's autograd graph or gradients is alive (they are
             # released with _forward_backward's frame and zero_grad), so sampling adds its memory
             # to the weights and optimizer state only: the run's peak is max(training, sampling).
             schedule = callbacks.sample_schedule
-            if callbacks.on_sample is not None and schedule is not None and schedule.due(at, steps_done, total_steps):
+            if callbacks.on_sample is not None and schedule is not None and schedule.due(at, steps_done, total_steps) \
+                    and (replica is None or replica.is_main):
                 with torch.no_grad():
                     callbacks.on_sample(at)
 
         sample_if_due(step)
 
         while step < total_steps:
-            if callbacks.should_stop is not None and callbacks.should_stop():
+            stop = callbacks.should_stop is not None and callbacks.should_stop()
+            if replica is not None:
+                stop = replica.any(stop)  # a stop on any rank stops all of them at the same step
+            if stop:
                 stopped_early = True
                 break
 
@@ -364,7 +398,8 @@ def train(
 
             # Forward and backward over the micro-batches of this step.
             micro_batches = [next(batches) for _ in range(config.grad_accumulation_steps)]
-            step_loss = _forward_backward(denoiser, data, objective, precision, micro_batches, config.seed, device)
+            step_loss = _forward_backward(denoiser, data, objective, precision, micro_batches, config.seed, device,
+                                          replica, trainable, reference_ops)
             if offloader is not None:
                 offloader.release_all()  # the block recomputed last is not needed until the next forward
 
@@ -399,9 +434,8 @@ def train(
                 )
             if callbacks.on_step is not None:
                 callbacks.on_step(step, loss_history[-1], lr)
-            if config.validation_every_steps and (step % config.validation_every_steps == 0 or step == total_steps):
-                val_history.append((step, validation_loss(denoiser, objective, validation_data,
-                                                          config.validation_samples, config.seed, precision, device)))
+            if validate and (step % config.validation_every_steps == 0 or step == total_steps):
+                record_validation()
             if callbacks.on_checkpoint is not None and config.save_every_steps and step % config.save_every_steps == 0 \
                     and step < total_steps:
                 callbacks.on_checkpoint(step, adapter_set, cpu_copy(optimizer.state_dict()))

@@ -257,6 +257,38 @@ Trains on **ComfyUI/input/{FOLDER}/** and samples an image with the LoRA applied
     g.connect(decode.out(0), save, "images")
 
 
+EDIT_FOLDER = "lora_edit_pairs"
+
+
+def edit_pairs(g: Graph):
+    _note(g, f"""
+## Edit-model LoRA (Qwen-Image-Edit): train on (control, target) pairs
+Put pairs in **ComfyUI/input/{EDIT_FOLDER}/**: `cat.png` is the **target** (the edited result) and `cat_control.png`
+its **control** (the input image), or `control/cat.png` in a control folder beside it (musubi-tuner / ai-toolkit
+layout); `cat.txt` holds the edit instruction. Each control is VAE-encoded into its sample's own reference latents,
+as TextEncodeQwenImageEdit does when you generate. For Flux.1 Kontext pick its model, text encoders and VAE and set
+**edit_model** to Flux.1 Kontext; for Qwen-Image-Edit-2509 / 2511 raise **max_controls** (up to 3:
+`cat_control_1.png`, `cat_control_2.png`, ...). FP8 weights, bypass and offloading (**LoRA Memory Settings**) as in the low-VRAM example.
+""", height=300)
+    unet = g.add("UNETLoader", (X0, 0), unet_name="qwen_image_edit_fp8_e4m3fn.safetensors", weight_dtype="fp8_e4m3fn")
+    clip = g.add("CLIPLoader", (X0, 170), clip_name="qwen_2.5_vl_7b_fp8_scaled.safetensors", type="qwen_image")
+    vae = g.add("VAELoader", (X0, 340), vae_name="qwen_image_vae.safetensors")
+    pairs = g.add(P + "LoadEditPairsDataset", (X0, 470), folder=EDIT_FOLDER, resize="center_crop", width=1024,
+                  height=1024, trigger_word="", default_caption="apply the edit", max_controls=1)
+    data = g.add(P + "MakeTrainingDataset", (X1, 300), edit_model="Qwen-Image-Edit")
+    g.connect(pairs.out("images"), data, "images")
+    g.connect(vae.out("VAE"), data, "vae")
+    g.connect(clip.out("CLIP"), data, "clip")
+    g.connect(pairs.out("texts"), data, "texts")
+    g.connect(pairs.out("controls"), data, "controls")
+    train = _train(g, (X2, 0), unet.out("MODEL"), data.out("latents"), data.out("conditioning"),
+                   learning_rate=0.0001, rank=16, alpha=16.0)
+    _save_and_plot(g, train, "my_edit_lora")
+    memory = g.add(P + "MemorySettings", (X1, 640), training_dtype="none", bypass_mode=True,
+                   gradient_checkpointing=True, offloading=True)
+    g.connect(memory.out("memory"), train, "memory")
+
+
 EXAMPLES = {
     "lora_01_images_one_caption": images_one_caption,
     "lora_02_captioned_folder": captioned_folder,
@@ -266,6 +298,7 @@ EXAMPLES = {
     "lora_05_continue_training": continue_training,
     "lora_06_low_vram_fp8_bypass": low_vram,
     "lora_07_train_then_generate": train_then_generate,
+    "lora_09_edit_pairs": edit_pairs,
 }
 
 

@@ -1,11 +1,13 @@
-"""/object_info lists the pack's twelve nodes, each input with a tooltip, all under one category root."""
+"""/object_info lists each of the pack's nodes, each input with a tooltip, all under one category root."""
 import pytest
 
 PREFIX = "LoRATrainer_"
 DISPLAY_NAMES = {
-    "Load Image Dataset from Folder", "Load Image and Text Dataset from Folder", "Make Training Dataset",
+    "Load Image Dataset from Folder", "Load Image and Text Dataset from Folder", "Load Edit Pairs from Folder",
+    "Make Training Dataset",
     "Resolution Bucket", "Save Training Dataset", "Load Training Dataset", "Train LoRA", "Save LoRA Weights",
     "Load LoRA Model", "Plot Loss Graph", "LoRA Training Settings", "LoRA Memory Settings",
+    "Export Training Job", "LoRA Sample Settings",
 }
 
 

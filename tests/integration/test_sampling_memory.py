@@ -54,8 +54,9 @@ def peak_of(run):
 
 torch.manual_seed(0)
 model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)
-caption = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks toy"))
-prompt = clip.encode_from_tokens_scheduled(clip.tokenize("sks toy on grass"))
+with torch.no_grad():  # as ComfyUI runs nodes: no autograd graph behind the conditioning
+    caption = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks toy"))
+    prompt = clip.encode_from_tokens_scheduled(clip.tokenize("sks toy on grass"))
 data = TrainingData(latents=[torch.randn(4, 8, 8) for _ in range(4)], conds=[caption])
 values = merged_values(tn.TrainLoRA.define_schema().inputs, {"steps": 4, "batch_size": 2, "rank": 4, "alpha": 4.0,
                        "sample_every_steps": 2, "training_dtype": "fp32", "lora_dtype": "fp32"}, single)
