@@ -48,7 +48,7 @@ import comfy.utils
 import folder_paths
 
 from ..lora_core.adapters.sliced import Slice
-from ..lora_core.data.paths import is_inside
+from ..lora_core.data.paths import is_inside, resolve_inside
 from ..lora_core.lorafile.keys import KohyaNaming
 from ..lora_core.errors import UserInputError
 from ..lora_core.memory.quantized import LowVramCheck, check_low_vram_settings
