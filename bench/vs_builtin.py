@@ -783,8 +783,12 @@ def orchestrate(opts):
           f"AdamW lr 5e-4, MSE, {opts.total_steps} optimizer steps per run ({opts.steps} timed), "
           f"runs per case {dict(cases)}, A/B alternated in fresh processes, "
           f"threads {opts.threads or 'torch default'}")
-    print("eps/x0 err: mean squared error of the model's eps (x0) prediction on the training latents, sigmas at "
-          f"percent {EVAL_PERCENTS} with fixed noise; captions: random-weight CLIP-L (ComfyUI sd1_clip), one per image")
+    if opts.family != "sd15":
+        print("captions: random text-encoder outputs at the family's widths (family_models.conditioning), one per "
+              "image; eps/x0 err: not measured for this family (SD1.5 only)")
+    else:
+        print("eps/x0 err: mean squared error of the model's eps (x0) prediction on the training latents, sigmas at "
+              f"percent {EVAL_PERCENTS} with fixed noise; captions: random-weight CLIP-L (ComfyUI sd1_clip), one per image")
     print(table)
     print(f"\nraw results: {os.path.join(opts.out_dir, 'summary.json')}")
 
