@@ -123,6 +123,8 @@ def make_cases(device: str) -> dict[str, Case]:
         # like fastest, with checkpointing off on both sides
         "fastest_nogc": Case("fastest_nogc", 1, dict(dtypes, bypass_mode=True, gradient_checkpointing=False),
                              dict(dtypes, gradient_checkpointing=False)),
+        # the built-in in bypass mode with its checkpointing on (the one bypass setting that runs on Flux) vs ours
+        "b1_bypass": Case("b1_bypass", 1, dict(dtypes, bypass_mode=True), dict(dtypes)),
         # GPU only: UNet stored as float8_e4m3fn, bypass, training_dtype none (compare with b1 = bf16)
         "fp8": Case("fp8", 1, dict(fp8), dict(fp8), weight_dtype="fp8"),
     }
@@ -808,7 +810,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (first is never timed)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per trainer and case, alternated A B A B")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cases", default="b1,fastest", help="comma list of b1,b4,fastest,b1_alltargets,b1_ours_alpha1,b1_ours_attn_mlp,fastest_nogc,fp8; "
+    parser.add_argument("--cases", default="b1,fastest", help="comma list of b1,b4,fastest,b1_alltargets,b1_ours_alpha1,b1_ours_attn_mlp,fastest_nogc,b1_bypass,fp8; "
                         "case:N runs that case N times instead of --repeats")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--ours-impl", default="ours", choices=["ours", "builtin"],
