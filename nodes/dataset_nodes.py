@@ -235,7 +235,12 @@ class MakeTrainingDataset(io.ComfyNode):
         clip_count = 0
         if videos:
             clip_latents, clip_count = encode_video_items(vae, list(videos), single(vae_tile_size) or 0)
-            out_latents.extend(clip_latents)
+            # Clips that failed to decode under skip_bad_files are left out together with their captions.
+            kept = [len(out_latents) + i for i, latent in enumerate(clip_latents) if latent is not None]
+            texts = texts[:len(out_latents)] + [texts[i] for i in kept]
+            out_latents.extend(latent for latent in clip_latents if latent is not None)
+            if not out_latents:
+                raise UserInputError("No clip could be decoded (see the log): re-export the videos.")
         conditioning = glue.encode_texts(clip, texts)
         log.info("[LoRA Trainer] encoded %d images (%d distinct), %d clips (%d distinct), %d distinct captions",
                  count - len(videos or []), len(flat_distinct), len(videos or []), clip_count, len(set(texts)))

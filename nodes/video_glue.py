@@ -12,6 +12,7 @@ it takes 1 + k*m frames.
 
 from __future__ import annotations
 
+import logging
 from fractions import Fraction
 from pathlib import Path
 
@@ -19,8 +20,10 @@ import torch
 from comfy_api.latest import Input, InputImpl, Types
 
 from ..lora_core.data.clips import FrameRule, VideoClip, full_clip
-from ..lora_core.data.video import memory_video, probe_video
+from ..lora_core.data.video import VideoUnreadable, memory_video, probe_video
 from ..lora_core.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 
 class ClipVideo(Input.Video):
@@ -127,8 +130,12 @@ def encode_clip(vae, frames: torch.Tensor, tile_size: int = 0, tile_frames: int 
     return vae.encode(frames[..., :3])
 
 
-def encode_clips(vae, clips: list[VideoClip], tile_size: int = 0, tile_frames: int = 0) -> list[torch.Tensor]:
-    """One latent per clip, clip by clip: decode its frames, encode, let the frames go. Progress per clip."""
+def encode_clips(vae, clips: list[VideoClip], tile_size: int = 0, tile_frames: int = 0) -> list[torch.Tensor | None]:
+    """One latent per clip, clip by clip: decode its frames, encode, let the frames go. Progress per clip.
+
+    A clip whose frames cannot be decoded stops the run with the file's name, unless its loader was
+    asked to skip unreadable files: then its latent is None (logged and shown) and the others go on.
+    """
     import comfy.utils
 
     from . import comfy_glue
@@ -138,7 +145,16 @@ def encode_clips(vae, clips: list[VideoClip], tile_size: int = 0, tile_frames: i
     for i, clip in enumerate(clips):
         comfy_glue.raise_if_interrupted()
         comfy_glue.send_text(f"encoding clip {i + 1}/{len(clips)}: {clip.describe()}")
-        frames = clip.read()
+        try:
+            frames = clip.read()
+        except VideoUnreadable as err:
+            if not clip.skip_bad:
+                raise
+            log.warning("[LoRA Trainer] skipping clip: %s", err)
+            comfy_glue.send_text(f"skipped: {err}")
+            latents.append(None)
+            pbar.update_absolute(i + 1, len(clips))
+            continue
         latents.append(encode_clip(vae, frames, tile_size, tile_frames).cpu())
         del frames
         pbar.update_absolute(i + 1, len(clips))

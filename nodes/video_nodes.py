@@ -245,15 +245,17 @@ def _texts_for(videos: list, texts) -> list[str]:
 
 # ---- helpers for Make Training Dataset and Resolution Bucket ----------------------------------
 
-def encode_video_items(vae, videos: list, tile_size: int = 0) -> tuple[list[dict], int]:
+def encode_video_items(vae, videos: list, tile_size: int = 0) -> tuple[list[dict | None], int]:
     """(one LATENT dict per VIDEO item, number of distinct clips): each distinct clip decoded and encoded once.
 
-    The dict carries "frame_count" (pixel frames of the clip) so Save Training Dataset records it.
+    The dict carries "frame_count" (pixel frames of the clip) so Save Training Dataset records it. None
+    marks a clip left out because it could not be decoded and its loader skips unreadable files.
     """
     distinct, index = dedupe_by_identity(videos)
     clips = [video_glue.as_clip(v, i) for i, v in enumerate(distinct)]
     latents = video_glue.encode_clips(vae, clips, tile_size)
-    dicts = [{"samples": latent, "frame_count": clip.frame_count} for latent, clip in zip(latents, clips)]
+    dicts = [None if latent is None else {"samples": latent, "frame_count": clip.frame_count}
+             for latent, clip in zip(latents, clips)]
     return [dicts[i] for i in index], len(clips)
 
 

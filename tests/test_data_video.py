@@ -127,6 +127,9 @@ def test_skip_bad_files_keeps_the_rest_but_never_hides_a_size_limit(tmp_path):
     assert [e.relative_path for e in loaded.entries] == ["set/good.mp4"]
     assert len(loaded.skipped) == 2 and "bad.mp4" in loaded.skipped[0] and "zero.webm" in loaded.skipped[1]
     assert "skipped 2 unreadable files" in loaded.summary()
+    # the wish to skip travels with the clips, so a clip that fails to decode later is dropped, not fatal
+    clips, _ = plan_clips(loaded.clips[0], ClipOptions(frames=5, rule=FrameRule(4)))
+    assert clips[0].skip_bad
     with pytest.raises(VideoTooLarge, match=r"good\.mp4 is 32x24"):
         load_video_folder(root, "set", VideoFolderOptions(skip_bad=True, max_pixels=500))
 

@@ -95,6 +95,7 @@ class VideoClip:
     fps: float
     size: tuple[int, int] | None = None      # (width, height) to cover-crop each frame to; None = as is
     start_time: float = 0.0
+    skip_bad: bool = False                   # the user asked to skip unreadable files: a decode error drops the clip
 
     @property
     def frame_count(self) -> int:
@@ -129,9 +130,9 @@ class VideoClip:
         return f"{self.source.shown} frames {first}..{last} ({self.frame_count} at {self.fps:g} fps)"
 
 
-def full_clip(info: VideoInfo) -> VideoClip:
+def full_clip(info: VideoInfo, skip_bad: bool = False) -> VideoClip:
     """The whole video as one clip (what a folder loader hands on, nothing decoded)."""
-    return VideoClip(source=info, indices=tuple(range(info.frame_count)), fps=info.fps)
+    return VideoClip(source=info, indices=tuple(range(info.frame_count)), fps=info.fps, skip_bad=skip_bad)
 
 
 def timeline(info: VideoInfo, options: ClipOptions) -> tuple[list[int], float]:
@@ -178,7 +179,7 @@ def plan_clips(clip: VideoClip, options: ClipOptions, key: str = "") -> tuple[li
     else:
         starts = _starts(options, length, want, key)
     clips = [VideoClip(source=info, indices=tuple(line[s:s + want]), fps=fps, size=clip.size,
-                       start_time=s / fps) for s in starts]
+                       start_time=s / fps, skip_bad=clip.skip_bad) for s in starts]
     return clips, None
 
 

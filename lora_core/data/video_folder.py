@@ -82,7 +82,7 @@ def load_video_folder(root: str | os.PathLike, folder: str,
             log.warning("Skipping bad file: %s", err)
             skipped.append(f"{name}: {err}")
             continue
-        clips.append(full_clip(info))
+        clips.append(full_clip(info, skip_bad=options.skip_bad))
         entries.append(entry)
     if not clips:
         raise UserInputError(

@@ -122,6 +122,10 @@ def test_clips_connect_to_core_video_nodes(comfy, object_info, video_folder):
     images = result.outputs["4"]["images"]
     # 4 clips (walk, Turn, spin twice from its 2_ folder) x 5 frames
     assert len(images) == 20, len(images)
+    # ...and core VIDEO values come in: core's folder loader (top level only: walk, Turn) into our sampler
+    prompt["1"] = api_node(object_info, "LoadVideoDataSetFromFolder", folder=VIDEO_FOLDER)
+    result = comfy.run_ok(prompt)
+    assert len(result.outputs["4"]["images"]) == 10
 
 
 def test_a_corrupt_video_names_the_file_or_is_skipped(comfy, object_info, video_folder):
