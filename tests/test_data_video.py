@@ -142,6 +142,9 @@ def test_variable_frame_rate_is_sampled_by_timestamps(tmp_path):
     assert fps == 10
     # at 0, 0.1, 0.2, ... s the frame on screen is the last one that started by then
     assert line[:7] == [0, 1, 2, 4, 6, 7, 8]
+    # without a target rate a variable-rate video is still resampled by time, at its average rate
+    line, fps = timeline(info, ClipOptions(frames=1))
+    assert fps == pytest.approx(9 / 0.632) and line[:3] == [0, 0, 2]
 
 
 # ---- frame rules and extraction -------------------------------------------------------------

@@ -143,3 +143,37 @@ def test_a_corrupt_video_names_the_file_or_is_skipped(comfy, object_info, video_
     prompt["1"]["inputs"]["skip_bad_files"] = True
     result = comfy.run_ok(prompt)
     assert len(result.outputs["3"]["images"]) == 9
+
+
+def test_saved_video_dataset_keeps_5d_latents_and_frame_counts_and_trains(comfy, object_info, video_folder):
+    save = {
+        "1": api_node(object_info, "VAELoader", vae_name=WAN_VAE),
+        "2": api_node(object_info, "CLIPLoader", clip_name=CLIP_FILE, type="stable_diffusion"),
+        "3": api_node(object_info, "LoRATrainer_LoadVideoTextDataset", folder=VIDEO_FOLDER, include_images=True,
+                      trigger_word="sks", default_caption="a clip", missing_captions="use_default"),
+        "4": api_node(object_info, "LoRATrainer_SampleVideoClips", videos=["3", 0], texts=["3", 1], vae=["1", 0],
+                      frames=6, extraction="head", target_fps=16.0),
+        "5": api_node(object_info, "LoRATrainer_ResolutionBucket", videos=["4", 0], resolution=64),
+        "6": api_node(object_info, "LoRATrainer_MakeTrainingDataset", videos=["5", 4], vae=["1", 0], clip=["2", 0],
+                      texts=["4", 1]),
+        "7": api_node(object_info, "LoRATrainer_SaveTrainingDataset", latents=["6", 0], conditioning=["6", 1],
+                      texts=["4", 1], folder_name="video_ds", overwrite=True),
+    }
+    result = comfy.run_ok(save, timeout=600)
+    assert "frames 6 snapped to 5" in result.outputs["4"]["text"][0]
+    manifest = json.loads(next(comfy.base_dir.glob("**/video_ds/manifest.json")).read_text())
+    shapes = sorted({(tuple(s["latent_shape"]), s["frames"]) for s in manifest["samples"]})
+    # 5-frame clips -> 2 latent frames; the still image -> 1; 64x64 buckets -> 8x8 latents
+    assert shapes == [((16, 1, 8, 8), 1), ((16, 2, 8, 8), 5)], shapes
+    assert [s["repeats"] for s in manifest["samples"]] == [2, 1, 1, 1]   # 2_spin/spin, still, Turn, walk
+    train = {
+        "1": api_node(comfy.object_info(), "LoRATrainer_LoadTrainingDataset", folder_name="video_ds"),
+        "2": api_node(object_info, "UNETLoader", unet_name=WAN_UNET, weight_dtype="default"),
+        "3": api_node(object_info, "LoRATrainer_TrainLoRA", model=["2", 0], latents=["1", 0], positive=["1", 1],
+                      steps=2, batch_size=2, bucket_mode=True, gradient_checkpointing=True),
+        "4": api_node(object_info, "LoRATrainer_SaveLoRAWeights", lora=["3", 0], steps=["3", 2],
+                      prefix="wan_from_saved"),
+    }
+    trained = comfy.run_ok(train, timeout=600)
+    tensors, metadata = read_safetensors(comfy.models_dir / "loras" / trained.outputs["4"]["text"][0][len("saved loras/"):])
+    assert metadata["steps"] == "2" and tensors
