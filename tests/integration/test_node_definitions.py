@@ -1,11 +1,12 @@
-"""/object_info lists the pack's ten nodes, each input with a tooltip, all under one category root."""
+"""/object_info lists the pack's thirteen nodes, each input with a tooltip, all under one category root."""
 import pytest
 
 PREFIX = "LoRATrainer_"
 DISPLAY_NAMES = {
     "Load Image Dataset from Folder", "Load Image and Text Dataset from Folder", "Make Training Dataset",
     "Resolution Bucket", "Save Training Dataset", "Load Training Dataset", "Train LoRA", "Save LoRA Weights",
-    "Load LoRA Model", "Plot Loss Graph",
+    "Load LoRA Model", "Plot Loss Graph", "Load Video Dataset from Folder", "Load Video and Text Dataset from Folder",
+    "Sample Video Clips",
 }
 
 
@@ -14,9 +15,9 @@ def our_nodes(comfy):
     return {name: info for name, info in comfy.object_info().items() if name.startswith(PREFIX)}
 
 
-def test_all_ten_nodes_are_listed(our_nodes):
+def test_all_nodes_are_listed(our_nodes):
     assert {info["display_name"] for info in our_nodes.values()} == DISPLAY_NAMES, sorted(our_nodes)
-    assert len(our_nodes) == 10
+    assert len(our_nodes) == len(DISPLAY_NAMES)
 
 
 def test_every_input_has_a_tooltip(our_nodes):
