@@ -68,10 +68,6 @@ class VideoInfo:
         return max(0, min(self.frame_count - 1, bisect.bisect_right(self.frame_times, time + 1e-6) - 1))
 
 
-def is_video_file(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
-
-
 def probe_video(path: str | os.PathLike, shown: str | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> VideoInfo:
     """Frame count, size, timing of `path` (a video or a still image); raises with the file named."""
