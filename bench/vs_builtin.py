@@ -270,6 +270,9 @@ def call_node(node_cls, values: dict):
         else:
             raise SystemExit(f"{schema.node_id}: required input {name!r} has no value in the benchmark")
         kwargs[name] = value
+    if schema.node_id == OUR_NODE_ID:
+        # Our knobs live on settings nodes (training_settings.py); execute takes them by name too.
+        kwargs.update({name: value for name, value in values.items() if name not in kwargs})
     if schema.is_input_list:
         kwargs = {k: v if k in ("latents", "positive") else [v] for k, v in kwargs.items()}
     else:

@@ -139,7 +139,7 @@ class ToyDenoiser:
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
-    def sigma_at(self, t: Tensor) -> Tensor:
+    def sigma_at(self, t: Tensor, latent_shape: tuple[int, ...] | None = None) -> Tensor:
         t = t.float().clamp(0.0, 1.0)
         if self.prediction_type == "flow":
             return t
@@ -233,3 +233,17 @@ def toy_dataset(count: int = 4, seed: int = 0, size: int = 32) -> TrainingData:
     vae = ToyVAE(seed=seed)
     latents = [vae.encode(image) for image in make_shape_images(count, size=size, seed=seed)]
     return TrainingData(latents=latents, conds=make_caption_embeddings(count, seed=seed + 1))
+
+
+def write_toy_job(folder, config, images: int = 4, seed: int = 0, prediction_type: str = "eps",
+                  net: ToyNetConfig | None = None, output: dict | None = None, overwrite: bool = False,
+                  size: int = 32):
+    """A training job folder (training/job.py) on a toy denoiser: what the headless runner's tests and
+    bench train without ComfyUI."""
+    from dataclasses import asdict
+
+    from .training.job import write_job
+
+    data = toy_dataset(images, seed=seed, size=size)
+    model = {"kind": "toy", "prediction_type": prediction_type, "seed": seed, "net": asdict(net or ToyNetConfig())}
+    return write_job(folder, model, config, data.latents, data.conds, output=output, overwrite=overwrite)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
 import time
 import uuid
@@ -32,7 +31,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import comfy.model_base
 import comfy.model_management
+import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
@@ -40,15 +41,19 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..lora_core.data.paths import is_inside, resolve_inside
+from ..lora_core.data.paths import is_inside
 from ..lora_core.errors import UserInputError
 from ..lora_core.memory.quantized import LowVramCheck, check_low_vram_settings
+from . import outputs
 from .lists import Throttle, conditioning_entry
 
 log = logging.getLogger(__name__)
 
 # Keep t strictly inside (0, 1): percent_to_sigma(0) is "infinite" noise for discrete models.
 _PERCENT_EPS = 1e-5
+# Flux.1's resolution-dependent shift: mu from 0.5 at 256 image tokens to 1.15 at 4096 (ComfyUI's
+# ModelSamplingFlux node defaults, the values of the Flux reference code).
+FLUX_BASE_SHIFT, FLUX_MAX_SHIFT = 0.5, 1.15
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,12 +75,29 @@ class ComfyDenoiser:
         self.prediction_type = _prediction_name(self.base)
         self.device = patcher.load_device
         self._encoded: dict[tuple, tuple[object, dict]] = {}
+        self._references_checked = False
 
     # -- noise levels -------------------------------------------------------------------------
-    def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
+    def sigma_at(self, t: torch.Tensor, latent_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         percents = (1.0 - t.detach().float().flatten().cpu()).clamp(_PERCENT_EPS, 1.0 - _PERCENT_EPS)
-        sigmas = [float(self.sampling.percent_to_sigma(float(p))) for p in percents]
+        mu = self._resolution_shift(latent_shape)
+        if mu is not None:
+            sigmas = [comfy.model_sampling.flux_time_shift(mu, 1.0, 1.0 - float(p)) for p in percents]
+        else:
+            sigmas = [float(self.sampling.percent_to_sigma(float(p))) for p in percents]
         return torch.tensor(sigmas, dtype=torch.float32, device=t.device)
+
+    def _resolution_shift(self, latent_shape: tuple[int, ...] | None) -> float | None:
+        """Flux.1 dev's shift for this image size (mu of ComfyUI's ModelSamplingFlux node, the schedule
+        Flux was trained with and what ai-toolkit / musubi-tuner train it with); None for every other
+        model, and when a model-sampling node already set the shift (the user's choice wins)."""
+        if (latent_shape is None or len(latent_shape) < 2 or type(self.base) is not comfy.model_base.Flux
+                or not isinstance(self.sampling, comfy.model_sampling.ModelSamplingFlux)
+                or "model_sampling" in self.patcher.object_patches):
+            return None
+        tokens = latent_shape[-2] * latent_shape[-1] / 4  # 2x2 latent patches
+        slope = (FLUX_MAX_SHIFT - FLUX_BASE_SHIFT) / (4096 - 256)
+        return FLUX_BASE_SHIFT + slope * (tokens - 256)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = sigma.to(device=x0.device, dtype=torch.float32).flatten()
@@ -93,6 +115,11 @@ class ComfyDenoiser:
 
     def prepare_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.base.process_latent_in(latents)
+
+    @property
+    def autograd_reference_ops(self) -> dict:
+        """Fused ops the model may call that autograd cannot differentiate, with a torch twin."""
+        return kitchen_reference_ops()
 
     # -- the forward pass -----------------------------------------------------------------------
     def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, conds: list) -> torch.Tensor:
@@ -127,21 +154,84 @@ class ComfyDenoiser:
         key = (id(cond), tuple(like.shape[1:]))
         hit = self._encoded.get(key)
         if hit is None:
-            entry = comfy.sampler_helpers.convert_cond([conditioning_entry(cond)])[0]
             shape_probe = torch.zeros(like.shape, dtype=torch.float32)
-            encoded = comfy.samplers.encode_model_conds(
-                self.base.extra_conds, [entry], shape_probe, self.device, "positive",
-                latent_image=shape_probe, seed=0,
-            )[0]
+
+            def encode(entry: list) -> dict:
+                converted = comfy.sampler_helpers.convert_cond([entry])[0]
+                return comfy.samplers.encode_model_conds(
+                    self.base.extra_conds, [converted], shape_probe, self.device, "positive",
+                    latent_image=shape_probe, seed=0,
+                )[0]["model_conds"]
+
+            entry = conditioning_entry(cond)
+            if "reference_latents" in entry[1] and not self._references_checked:
+                from .edit_glue import check_model_takes_references  # edit pairs: does this model read them?
+
+                check_model_takes_references(self.base, type(self.base.model_config).__name__, entry, encode)
+                self._references_checked = True
+            encoded = {"model_conds": encode(entry)}
             # Holding `cond` keeps its id from being reused by another object.
             hit = (cond, encoded["model_conds"])
             self._encoded[key] = hit
         return hit[1]
 
 
+# comfy_kitchen's fused rope / norm kernels (Cosmos Predict2 and Anima call them whatever
+# `in_training` says). Quantization and matmul kernels are left to ComfyUI's own training paths.
+_KITCHEN_MATH_OPS = ("apply_rope", "rms_rope", "adaln", "rms_adaln")
+_kitchen_references: dict | None = None
+
+
+def kitchen_reference_ops() -> dict:
+    """{comfy_kitchen op: its eager (plain torch) implementation} for the fused math ops that have
+    no autograd formula. The eager backend computes the same values, and autograd differentiates
+    it; `AutogradSafety` calls it instead of the kernel inside every training step."""
+    global _kitchen_references
+    if _kitchen_references is None:
+        _kitchen_references = _find_kitchen_references()
+    return _kitchen_references
+
+
+def _find_kitchen_references() -> dict:
+    try:
+        from comfy_kitchen.backends import eager
+        from torch._library.custom_ops import OPDEFS
+    except ImportError:
+        return {}
+    found = {}
+    names = {n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+             if n.startswith("comfy_kitchen::")}
+    for name in sorted(names):
+        definition = OPDEFS.get(f"comfy_kitchen::{name}")
+        function = getattr(eager, name, None)
+        if (not name.startswith(_KITCHEN_MATH_OPS) or function is None or definition is None
+                or definition._backward_fn is not None):
+            continue
+        packet = getattr(torch.ops.comfy_kitchen, name)
+        schema = packet.default._schema
+        if any(arg.alias_info is not None and arg.alias_info.is_write for arg in schema.arguments):
+            continue  # in-place variants: inference only
+        reference = _called_by_name(function, [arg.name for arg in schema.arguments])
+        found[packet] = reference
+        for overload in packet.overloads():
+            found[getattr(packet, overload)] = reference
+    return found
+
+
+def _called_by_name(function: Callable, names: list[str]) -> Callable:
+    # The kernels' positional arguments, passed by name: the eager functions share the schema's names.
+    def reference(*args, **kwargs):
+        return function(**dict(zip(names, args)), **kwargs)
+
+    return reference
+
+
 def _prediction_name(base) -> str:
     name = getattr(base.model_type, "name", str(base.model_type)).lower()
-    return {"eps": "eps", "v_prediction": "v", "flow": "flow", "edm": "edm"}.get(name, name)
+    # FLUX (Flux, Chroma, Qwen-Image, LTX) and FLOW_COSMOS are flow matching too: the network
+    # predicts the velocity noise - x0, like FLOW; they differ only in how sigma is spaced / scaled.
+    return {"eps": "eps", "v_prediction": "v", "flow": "flow", "flux": "flow", "flow_cosmos": "flow",
+            "edm": "edm"}.get(name, name)
 
 
 def _per_sample_vector(values, sigma: torch.Tensor) -> torch.Tensor:
@@ -228,6 +318,49 @@ def base_model_name(model) -> str:
     return type(model.model.model_config).__name__
 
 
+# Families the family matrix (tests/integration/test_family_matrix.py) trains, for messages.
+TESTED_FAMILIES = ("Flux.1 dev / schnell, Chroma, Flux.2, SDXL, SD1.5, SD2.x (v), SD3.5, Qwen-Image, Z-Image, "
+                   "Wan 2.1 T2V / I2V, Wan 2.2 5B and 14B, HunyuanVideo 1.5, LTX-Video, HiDream, "
+                   "Cosmos Predict2, Kandinsky 5, AuraFlow")
+_AUDIO = "an audio model: the trainer takes image and video latents only"
+_THREE_D = "a 3D-asset model: the trainer takes image and video latents only"
+_NOT_DIFFUSION = "not a diffusion model, so there is nothing to denoise"
+_PACKED = "audio and video latents travel packed in one tensor, which the trainer does not split yet"
+# ComfyUI model config class -> why Train LoRA cannot train it.
+UNSUPPORTED_FAMILIES = {
+    "StableAudio": _AUDIO, "StableAudio3": _AUDIO, "ACEStep": _AUDIO, "ACEStep15": _AUDIO,
+    "MiniMaxMusic3": _AUDIO, "LTXAV": _PACKED, "MiniMaxH3": _PACKED,
+    "Hunyuan3Dv2": _THREE_D, "Hunyuan3Dv2_1": _THREE_D, "Hunyuan3Dv2mini": _THREE_D, "Trellis2": _THREE_D,
+    "TripoSplat": _THREE_D,
+    "SAM3": _NOT_DIFFUSION, "SAM31": _NOT_DIFFUSION, "RT_DETR_v4": _NOT_DIFFUSION, "DepthAnything3": _NOT_DIFFUSION,
+}
+# Model types whose sampling does not start from noise (image-to-image predictors).
+_NO_NOISE_TYPES = ("IMG_TO_IMG", "IMG_TO_IMG_FLOW")
+
+
+def check_trainable(model) -> None:
+    """Refuse, naming the family, a model Train LoRA cannot train: before anything is loaded, so
+    the user sees why instead of a traceback from inside the model."""
+    inner = getattr(model, "model", None)
+    config = getattr(inner, "model_config", None)
+    if inner is None or config is None:
+        raise UserInputError(
+            f"The model input is a {type(model).__name__}, not a diffusion model: connect the MODEL output of a "
+            "checkpoint or diffusion-model loader.")
+    family = type(config).__name__
+    reason = UNSUPPORTED_FAMILIES.get(family)
+    model_type = getattr(getattr(inner, "model_type", None), "name", "")
+    if reason is None and model_type in _NO_NOISE_TYPES:
+        reason = f"its model type {model_type} predicts from an image, not from noise"
+    if reason is None and not all(hasattr(getattr(inner, "model_sampling", None), name)
+                                  for name in ("percent_to_sigma", "noise_scaling", "calculate_denoised")):
+        reason = "its noise schedule is not one ComfyUI samples with (no model_sampling)"
+    if reason is not None:
+        raise UserInputError(
+            f"Train LoRA cannot train this model: it is ComfyUI's {family} family, {reason}. "
+            f"Families it trains: {TESTED_FAMILIES}.")
+
+
 # --------------------------------------------------------------------------------------------
 # Dataset encoding
 # --------------------------------------------------------------------------------------------
@@ -307,19 +440,14 @@ def lora_roots_text() -> list[str]:
     return [str(p) for p in folder_paths.get_folder_paths("loras")]
 
 
+def lora_root() -> Path:
+    """The loras folder files are saved into (the first one ComfyUI lists)."""
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
 def lora_save_folder(prefix: str) -> tuple[Path, str]:
     """(folder, file-name prefix) for a save prefix like "my_project/character" inside loras/."""
-    root = Path(folder_paths.get_folder_paths("loras")[0])
-    text = prefix.strip().replace("\\", "/")
-    if not text or text.endswith("/"):
-        raise UserInputError(
-            f"The file prefix {prefix!r} has no file name: use e.g. 'my_lora' or 'project/my_lora'."
-        )
-    folder_part, _, name = text.rpartition("/")
-    folder = resolve_inside(root, folder_part, "prefix folder") if folder_part else root
-    if not is_inside(root, folder):
-        raise UserInputError(f"The prefix {prefix!r} leads outside {root}: give a path inside the loras folder.")
-    return folder, name
+    return outputs.prefix_folder(lora_root(), prefix)
 
 
 def refresh_lora_list() -> None:
@@ -331,26 +459,13 @@ def dataset_roots() -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths("datasets")]
 
 
+def output_directory() -> Path:
+    return Path(folder_paths.get_output_directory())
+
+
 def output_image_path(prefix: str) -> tuple[Path, str]:
     """(a new, never-used PNG path under output/ for `prefix`, its subfolder relative to output/)."""
-    output_dir = Path(folder_paths.get_output_directory())
-    text = prefix.strip().replace("\\", "/")
-    folder_part, _, name = text.rpartition("/")
-    if not name:
-        raise UserInputError(f"The file prefix {prefix!r} has no file name: use e.g. 'loss_graph' or 'runs/loss'.")
-    folder = resolve_inside(output_dir, folder_part, "prefix folder") if folder_part else output_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    counter = 1
-    pattern = re.compile(rf"^{re.escape(name)}_(\d{{5,}})_\.png$")
-    for existing in os.listdir(folder):
-        match = pattern.match(existing)
-        if match:
-            counter = max(counter, int(match.group(1)) + 1)
-    path = folder / f"{name}_{counter:05d}_.png"
-    while path.exists():
-        counter += 1
-        path = folder / f"{name}_{counter:05d}_.png"
-    return path, folder.relative_to(output_dir).as_posix() if folder != output_dir else ""
+    return outputs.output_image_path(output_directory(), prefix)
 
 
 # --------------------------------------------------------------------------------------------

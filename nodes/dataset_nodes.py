@@ -21,6 +21,7 @@ from ..lora_core.data import (
     SampleInfo,
     SaveOptions,
     bucket_table,
+    cover_crop,
     fit_to_bucket,
     group_latents_by_size,
     list_dataset_folders,
@@ -30,9 +31,12 @@ from ..lora_core.data import (
     resolve_inside,
     save_dataset,
 )
+from ..lora_core.data.pairs import (CONTROL_RESIZE_MODES, EDIT_FAMILIES, MAX_CONTROLS, PairOptions, aspect_mismatch,
+                                    as_one_size, edit_family, load_pair_folder, resize_control)
 from ..lora_core.data.resize import RESIZE_MODES
 from ..lora_core.errors import UserInputError
 from . import comfy_glue as glue
+from . import edit_glue
 from .lists import conditioning_entry, dedupe_by_identity, single, training_samples
 from .video_nodes import bucket_clips, encode_video_items, latent_shape_table
 
@@ -88,6 +92,21 @@ def _folder_options(recursive, resize, width, height, longest_side, alpha, skip_
     )
 
 
+def _caption_inputs() -> list:
+    return [
+        io.String.Input("trigger_word", default="",
+                        tooltip="Prepended to every caption as 'trigger, caption' (empty = none). "
+                                "Use a rare token such as 'sks person'."),
+        io.String.Input("default_caption", default="",
+                        tooltip="Caption for images without a .txt file (or with an empty one)."),
+        io.Combo.Input("missing_captions", options=["use_default", "error"], default="use_default",
+                       tooltip="use_default: images without a caption get default_caption; error: stop "
+                               "and list the images that have no caption file."),
+        io.String.Input("caption_extension", default=".txt", optional=True, advanced=True,
+                        tooltip="Extension of caption files, e.g. .txt or .caption."),
+    ]
+
+
 def _repeated(items: list, repeats: list[int]) -> list:
     """Each item listed `repeats` times (the same object: no copy)."""
     return [item for item, count in zip(items, repeats) for _ in range(count)]
@@ -130,18 +149,7 @@ class LoadImageTextDataset(io.ComfyNode):
             description="Load images and their captions (name.txt beside name.png) from an input/ subfolder; "
                         "kohya-ss N_concept folders repeat their images N times without copies.",
             search_aliases=["load captions", "image caption folder", "kohya dataset"],
-            inputs=_folder_inputs() + [
-                io.String.Input("trigger_word", default="",
-                                tooltip="Prepended to every caption as 'trigger, caption' (empty = none). "
-                                        "Use a rare token such as 'sks person'."),
-                io.String.Input("default_caption", default="",
-                                tooltip="Caption for images without a .txt file (or with an empty one)."),
-                io.Combo.Input("missing_captions", options=["use_default", "error"], default="use_default",
-                               tooltip="use_default: images without a caption get default_caption; error: stop "
-                                       "and list the images that have no caption file."),
-                io.String.Input("caption_extension", default=".txt", optional=True, advanced=True,
-                                tooltip="Extension of caption files, e.g. .txt or .caption."),
-            ],
+            inputs=_folder_inputs() + _caption_inputs(),
             outputs=[
                 io.Image.Output(display_name="images", is_output_list=True,
                                 tooltip="One image per file (kohya-ss repeats listed N times)."),
@@ -161,6 +169,57 @@ class LoadImageTextDataset(io.ComfyNode):
         log.info("[LoRA Trainer] %s", dataset.summary())
         images = [image.unsqueeze(0) for image in dataset.images]
         return io.NodeOutput(_repeated(images, dataset.repeats), _repeated(dataset.captions, dataset.repeats))
+
+
+class LoadEditPairsDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=PREFIX + "LoadEditPairsDataset",
+            display_name="Load Edit Pairs from Folder",
+            category=CATEGORY,
+            description="Load (control, target) image pairs for edit models (Flux.1 Kontext, Qwen-Image-Edit): "
+                        "name.png is the target (the edited result) and name_control.png its control (the input), "
+                        "or control/name.png in a control folder beside it; captions from name.txt.",
+            search_aliases=["kontext dataset", "qwen image edit dataset", "image pairs", "before after"],
+            inputs=_folder_inputs() + _caption_inputs() + [
+                io.Int.Input("max_controls", default=1, min=1, max=MAX_CONTROLS,
+                             tooltip="Control images per target the model takes: 1 for Flux.1 Kontext and "
+                                     "Qwen-Image-Edit, up to 3 for Qwen-Image-Edit-2509 / 2511 (name_control_1.png, "
+                                     "name_control_2.png, ... or control_1/, control_2/ folders). More is an error."),
+                io.Float.Input("max_aspect_mismatch", default=1.25, min=0.0, max=16.0, step=0.05, optional=True,
+                               advanced=True,
+                               tooltip="A control whose aspect ratio differs from its target's by more than this "
+                                       "factor stops the run (usually a wrong pairing). 0 = allow any shapes."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="images", is_output_list=True,
+                                tooltip="The target images (what the edit produces), one per pair."),
+                io.Image.Output(display_name="controls", is_output_list=True,
+                                tooltip="The control image(s) of each target, same order: a batch of K images when "
+                                        "a target has K controls."),
+                io.String.Output(display_name="texts", is_output_list=True,
+                                 tooltip="The caption (edit instruction) of each target, same order."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, folder, recursive, resize, width, height, trigger_word, default_caption, missing_captions,
+                max_controls, longest_side=0, alpha="composite", skip_bad_images=False, caption_extension=".txt",
+                max_aspect_mismatch=1.25) -> io.NodeOutput:
+        captions = CaptionOptions(trigger_word=trigger_word, default_caption=default_caption, missing=missing_captions)
+        options = _folder_options(recursive, resize, width, height, longest_side, alpha, skip_bad_images, captions,
+                                  caption_extension.strip())
+        dataset = load_pair_folder(
+            glue.input_directory(), folder, recursive=options.recursive, captions=captions,
+            caption_extension=options.caption_extension, image=options.image, resize=options.resize,
+            pairs=PairOptions(max_controls=max_controls, max_aspect_mismatch=max_aspect_mismatch),
+            skip_bad=skip_bad_images)
+        log.info("[LoRA Trainer] %s", dataset.summary())
+        images = [image.unsqueeze(0) for image in dataset.images]
+        controls = [torch.stack(as_one_size(c, options.resize.pad_color)) for c in dataset.controls]
+        return io.NodeOutput(_repeated(images, dataset.repeats), _repeated(controls, dataset.repeats),
+                             _repeated(dataset.captions, dataset.repeats))
 
 
 class MakeTrainingDataset(io.ComfyNode):
@@ -183,6 +242,23 @@ class MakeTrainingDataset(io.ComfyNode):
                 io.String.Input("texts", optional=True, force_input=True,
                                 tooltip="Captions: one per image / clip (images first), or one for all; not "
                                         "connected = empty caption."),
+                io.Image.Input("controls", optional=True,
+                               tooltip="Edit pairs: the control image(s) of each image, same order (the 'controls' "
+                                       "output of Load Edit Pairs from Folder). Each is VAE-encoded into its "
+                                       "sample's own reference latents, as ReferenceLatent / TextEncodeQwenImageEdit "
+                                       "do at inference."),
+                io.Combo.Input("edit_model", options=list(EDIT_FAMILIES), default=next(iter(EDIT_FAMILIES)),
+                               optional=True,
+                               tooltip="With controls: the edit model you will train. Flux.1 Kontext: one control, "
+                                       "encoded at the target's size. Qwen-Image-Edit: one control; -2509 / 2511: up "
+                                       "to 3; the prompt is encoded with its controls (Qwen2.5-VL sees them) and the "
+                                       "references at 1024x1024 pixels, as ComfyUI's Qwen edit nodes do."),
+                io.Combo.Input("control_resize", options=list(CONTROL_RESIZE_MODES), default="family", optional=True,
+                               advanced=True,
+                               tooltip="Size of each control's reference latent. family: the edit model's rule "
+                                       "(Kontext: match_target; Qwen: area_1024). match_target: the target's size; "
+                                       "target_area: the target's pixel count at the control's aspect ratio; "
+                                       "area_1024: 1024x1024 pixels at its aspect ratio; none: as loaded."),
                 io.Video.Input("videos", optional=True,
                                tooltip="Video clips (Sample Video Clips or Resolution Bucket): each becomes one "
                                        "[1, C, T, H, W] latent of a video VAE."),
@@ -199,11 +275,19 @@ class MakeTrainingDataset(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, vae, clip, images=None, texts=None, videos=None, vae_tile_size=None) -> io.NodeOutput:
+    def execute(cls, vae, clip, images=None, texts=None, controls=None, edit_model=None, control_resize=None,
+                videos=None, vae_tile_size=None) -> io.NodeOutput:
         vae, clip = single(vae), single(clip)
         if not images and not videos:
             raise UserInputError("Make Training Dataset has nothing to encode: connect images (Load Image Dataset "
                                  "from Folder) or videos (Sample Video Clips).")
+        if controls:
+            if not images:
+                raise UserInputError("Edit pairs need their target images: connect the 'images' output of Load Edit "
+                                     "Pairs from Folder too.")
+            return _encode_pairs(list(images), list(controls), vae, clip, texts,
+                                 edit_family(single(edit_model) or next(iter(EDIT_FAMILIES))),
+                                 single(control_resize) or "family")
         # Split any image batches into single images (keeping repeated objects shared).
         distinct, index = dedupe_by_identity(list(images or []))
         singles_of = [list(batch.unbind(0)) if batch.shape[0] > 1 else [batch[0]] for batch in distinct]
@@ -247,6 +331,68 @@ class MakeTrainingDataset(io.ComfyNode):
         return io.NodeOutput(out_latents, conditioning)
 
 
+def _encode_pairs(images: list, controls: list, vae, clip, texts, family, control_resize: str) -> io.NodeOutput:
+    """Targets -> latents; each target's controls -> reference latents in its own conditioning.
+
+    kohya-ss repeats arrive as the same objects listed N times: each distinct pair is encoded once
+    and its latent and conditioning objects are listed N times again.
+    """
+    if len(controls) != len(images):
+        raise UserInputError(
+            f"{len(images)} images but {len(controls)} control items: connect the 'images' and 'controls' outputs "
+            f"of the same Load Edit Pairs from Folder node (one control item per image).")
+    distinct, index = dedupe_by_identity(images)
+    first = {}
+    for position, d in enumerate(index):
+        first.setdefault(d, position)
+    pair_controls = [controls[first[d]] for d in range(len(distinct))]
+    for d, (target, control) in enumerate(zip(distinct, pair_controls)):
+        if target.shape[0] != 1:
+            raise UserInputError(
+                f"Image item {first[d]} is a batch of {target.shape[0]} images: with controls, give one image per "
+                f"item (as Load Edit Pairs from Folder does), so each image has its own controls.")
+        if control.shape[0] > family.max_controls:
+            hint = "pick the edit_model you train (Qwen-Image-Edit-2509 / 2511 takes up to 3) or " \
+                if family.max_controls < 3 else ""
+            raise UserInputError(
+                f"Image {first[d]} has {control.shape[0]} control images, but {family.label} takes "
+                f"{family.max_controls}: {hint}give fewer controls (max_controls in Load Edit Pairs from Folder).")
+        if control.shape[0] == 0:
+            raise UserInputError(f"Image {first[d]} has an empty control batch: every image needs a control image.")
+    count = len(images)
+    texts = list(texts) if texts else [""]
+    if len(texts) == 1:
+        texts = texts * count
+    if len(texts) != count:
+        raise UserInputError(f"{len(texts)} captions for {count} images: connect one caption per image (the 'texts' "
+                             f"output of Load Edit Pairs from Folder) or a single caption for all.")
+    pair_texts = [texts[first[d]] for d in range(len(distinct))]
+    edit_glue.check_text_encoder(clip, family)
+    mode = family.control_resize if control_resize == "family" else control_resize
+
+    targets = [t[0] for t in distinct]
+    sized = []                                   # per pair: its controls at the size the model sees
+    for target, control in zip(targets, pair_controls):
+        target_wh = (target.shape[1], target.shape[0])
+        sized.append([resize_control(c, mode, target_wh) for c in control.unbind(0)])
+    flat = [c for cs in sized for c in cs]
+    encoded = glue.encode_images(vae, targets + flat)
+    target_latents, control_latents = encoded[:len(targets)], encoded[len(targets):]
+
+    conds, offset = [], 0
+    plain = glue.encode_texts(clip, pair_texts) if family.text_encoding == "plain" else None
+    for d, control in enumerate(pair_controls):
+        refs = control_latents[offset:offset + len(sized[d])]
+        offset += len(sized[d])
+        text_cond = plain[d] if plain is not None else edit_glue.encode_edit_text(
+            clip, pair_texts[d], list(control.unbind(0)), family)
+        conds.append(edit_glue.with_reference_latents(text_cond, refs, family))
+    latent_dicts = [{"samples": latent} for latent in target_latents]
+    log.info("[LoRA Trainer] encoded %d edit pairs (%d distinct) for %s, controls %s", count, len(distinct),
+             family.label, mode)
+    return io.NodeOutput([latent_dicts[d] for d in index], [conds[d] for d in index])
+
+
 class ResolutionBucket(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -263,6 +409,9 @@ class ResolutionBucket(io.ComfyNode):
             inputs=[
                 io.Image.Input("images", optional=True,
                                tooltip="Images to fit into buckets before Make Training Dataset (optional)."),
+                io.Image.Input("controls", optional=True,
+                               tooltip="Edit pairs: the control images of the images, same order; each goes to its "
+                                       "target's bucket (its own nearest one if its shape differs a lot)."),
                 io.Latent.Input("latents", optional=True,
                                 tooltip="Latents to group by size (optional; connect conditioning too)."),
                 io.Conditioning.Input("conditioning", optional=True,
@@ -286,6 +435,8 @@ class ResolutionBucket(io.ComfyNode):
                 io.Image.Output(display_name="images", is_output_list=True,
                                 tooltip="The images, each cropped to its bucket."),
                 io.String.Output(display_name="bucket_table", tooltip="The bucket table as text."),
+                io.Image.Output(display_name="controls", is_output_list=True,
+                                tooltip="The controls of each image, cropped to its bucket, same order as images."),
                 io.Video.Output(display_name="videos", is_output_list=True,
                                 tooltip="The video clips, each set to be cropped to its bucket (frames x w x h table)."),
             ],
@@ -293,7 +444,7 @@ class ResolutionBucket(io.ComfyNode):
 
     @classmethod
     def execute(cls, resolution, step=64, max_aspect=2.0, images=None, latents=None, conditioning=None,
-                videos=None) -> io.NodeOutput:
+                controls=None, videos=None) -> io.NodeOutput:
         resolution, step, max_aspect = single(resolution), single(step), single(max_aspect)
         if images is None and latents is None and videos is None:
             raise UserInputError("Resolution Bucket has nothing to do: connect images or videos (to crop into "
@@ -301,13 +452,22 @@ class ResolutionBucket(io.ComfyNode):
         if (latents is None) != (conditioning is None):
             raise UserInputError("Resolution Bucket needs latents and conditioning together: connect both "
                                  "outputs of Make Training Dataset (or Load Training Dataset).")
+        if controls is not None and (images is None or len(controls) != len(images)):
+            raise UserInputError("Resolution Bucket: connect controls together with their images (the 'images' and "
+                                 "'controls' outputs of Load Edit Pairs from Folder), one control item per image.")
         tables = []
-        out_images = []
+        out_images, out_controls = [], []
         if images is not None:
             buckets = make_buckets(BucketSpec(resolution=resolution, step=step, max_aspect=max_aspect))
             distinct, index = dedupe_by_identity(list(images))
             fitted = [_fit_batch(batch, buckets) for batch in distinct]
             out_images = [fitted[i] for i in index]
+            if controls is not None:
+                first = {}
+                for position, d in enumerate(index):
+                    first.setdefault(d, position)
+                fitted_controls = [_fit_controls(controls[first[d]], fitted[d], buckets) for d in range(len(distinct))]
+                out_controls = [fitted_controls[i] for i in index]
             tables.append("images:\n" + bucket_table([(im.shape[2], im.shape[1]) for im in out_images]))
         out_videos = []
         if videos is not None:
@@ -331,7 +491,20 @@ class ResolutionBucket(io.ComfyNode):
                               + bucket_table(sizes))
         table = "\n".join(tables)
         log.info("[LoRA Trainer] resolution buckets\n%s", table)
-        return io.NodeOutput(out_latents, out_conds, out_images, table, out_videos, ui=ui.PreviewText(table))
+        return io.NodeOutput(out_latents, out_conds, out_images, table, out_controls, out_videos, ui=ui.PreviewText(table))
+
+
+def _fit_controls(controls: torch.Tensor, target: torch.Tensor, buckets: list) -> torch.Tensor:
+    """A target's controls [K, H, W, 3] in its bucket: the target's exact size when the shapes are alike
+    (the pair stays pixel-aligned), else each in the bucket nearest its own shape."""
+    width, height = target.shape[2], target.shape[1]
+    fitted = []
+    for control in controls.unbind(0):
+        if aspect_mismatch(control, target[0]) <= 1.25:
+            fitted.append(cover_crop(control, width, height))
+        else:
+            fitted.append(fit_to_bucket(control, buckets))
+    return torch.stack(as_one_size(fitted))
 
 
 def _fit_batch(batch: torch.Tensor, buckets: list) -> torch.Tensor:
@@ -479,5 +652,5 @@ def _root_holding(name: str):
     )
 
 
-NODES = [LoadImageDataset, LoadImageTextDataset, MakeTrainingDataset, ResolutionBucket, SaveTrainingDataset,
-         LoadTrainingDataset]
+NODES = [LoadImageDataset, LoadImageTextDataset, LoadEditPairsDataset, MakeTrainingDataset, ResolutionBucket,
+         SaveTrainingDataset, LoadTrainingDataset]

@@ -6,25 +6,22 @@ plain dict made by ComfyUI's own trainer; both work everywhere (`as_lora_model`)
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..lora_core.lorafile import files, resume
-from ..lora_core.adapters.adapter_set import AdapterSet, split_key
+from ..lora_core.lorafile import files
+from ..lora_core.adapters.adapter_set import AdapterSet
 from ..lora_core.adapters.attach import attach_bypass
 from ..lora_core.errors import UserInputError
 from ..lora_core.lorafile.keys import INTERNAL_PREFIX, to_internal
 from ..lora_core.lorafile.lora_model import LoraModel, as_lora_model
-from ..lora_core.atomic import write_bytes_atomically
-from ..lora_core.plotting import loss_chart_png
 from . import comfy_glue as glue
-from .lists import lora_file_name, loss_summary, next_counter
+from .outputs import (algorithm_of, alpha_of, file_metadata, loss_series, rank_of,  # noqa: F401 (re-exported)
+                      save_optimizer_state, write_lora_file, write_loss_graph)
 
 log = logging.getLogger(__name__)
 
@@ -40,71 +37,12 @@ _TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te1.", "te2.", "lora_te1_"
 
 # ---- writing files -------------------------------------------------------------------------------
 
-def algorithm_of(tensors: dict) -> str:
-    """lora / loha / lokr / oft read off the tensor names (for LoRAs without our metadata)."""
-    suffixes = {split_key(k)[1] for k in tensors if split_key(k) is not None}
-    if any(s.startswith("hada_") for s in suffixes):
-        return "loha"
-    if any(s.startswith("lokr_") for s in suffixes):
-        return "lokr"
-    if "oft_blocks" in suffixes:
-        return "oft"
-    return "lora"
-
-
-def rank_of(tensors: dict) -> int:
-    for key, tensor in tensors.items():
-        if key.endswith(("lora_down.weight", "hada_w1_b")) and tensor.ndim >= 2:
-            return int(tensor.shape[0])
-    return 0
-
-
-def alpha_of(tensors: dict) -> float:
-    for key, tensor in tensors.items():
-        if key.endswith(".alpha") and tensor.numel() == 1:
-            return float(tensor.item())
-    return 0.0
-
-
-def file_metadata(lora: LoraModel, steps: int | None) -> dict:
-    """Our metadata for a LoraModel; a core-made dict gets what its tensor names tell."""
-    if lora.metadata:
-        metadata = dict(lora.metadata)
-        if steps is not None and steps > 0:
-            metadata["steps"] = metadata["ss_steps"] = str(steps)
-        return metadata
-    return files.lora_metadata(algorithm=algorithm_of(lora), rank=rank_of(lora), alpha=alpha_of(lora), targets="unknown",
-                               steps=steps or 0, extra={"source": "LORA_MODEL without metadata"})
-
-
 def write_lora(lora: LoraModel, prefix: str, steps: int | None, kohya_export: bool = False) -> Path:
     """Write `lora` to loras/<prefix>[_<steps>_steps]_<NNNNN>_.safetensors (never overwriting),
     its optimizer state beside it when it has one, and a kohya-named copy on request."""
-    folder, name = glue.lora_save_folder(prefix)
-    folder.mkdir(parents=True, exist_ok=True)
-    counter = next_counter(name, os.listdir(folder))
-    path = folder / lora_file_name(name, steps, counter)
-    while path.exists():
-        counter += 1
-        path = folder / lora_file_name(name, steps, counter)
-    metadata = file_metadata(lora, steps)
-    files.save_lora(path, lora.tensors(), metadata)
-    if lora.optimizer_state is not None:
-        save_optimizer_state(path, lora)
-    if kohya_export:
-        kohya_path = path.with_name(path.stem.rstrip("_") + "_kohya.safetensors")
-        files.save_kohya_lora(kohya_path, lora.tensors(), metadata)
+    path = write_lora_file(glue.lora_root(), lora, prefix, steps, kohya_export)
     glue.refresh_lora_list()
     return path
-
-
-def save_optimizer_state(lora_path: Path, lora: LoraModel) -> None:
-    """The optimizer sidecar (`<name>.optim`) that lets existing_lora resume exactly."""
-    settings = json.loads(lora.metadata.get("training_settings", "{}"))
-    if "optimizer" not in settings:
-        raise UserInputError("The LoRA carries optimizer state but no training settings naming the optimizer: "
-                             "connect the 'lora' output of Train LoRA directly.")
-    resume.save_optimizer_state(resume.sidecar_path(lora_path), lora.optimizer_state, settings["optimizer"])
 
 
 def relative_lora_name(path: Path) -> str:
@@ -274,35 +212,11 @@ class PlotLossGraph(io.ComfyNode):
 
     @classmethod
     def execute(cls, loss, filename_prefix, log_scale) -> io.NodeOutput:
-        values, steps, validation = loss_series(loss)
-        summary = loss_summary(values)
-        title = "Training loss" + (f" (last {summary['last_mean']:.4f})" if summary else "")
-        png = loss_chart_png(values, steps=steps, val_loss=validation, log_scale=log_scale, title=title)
-        path, subfolder = glue.output_image_path(filename_prefix)
-        write_bytes_atomically(path, png)
+        path, subfolder, png = write_loss_graph(glue.output_directory(), filename_prefix, loss, log_scale)
         image = glue.png_to_pil(png).convert("RGB")
         tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)
         saved = ui.SavedImages([ui.SavedResult(path.name, subfolder, io.FolderType.output)])
         return io.NodeOutput(tensor, ui=saved)
-
-
-def loss_series(loss_map) -> tuple[list[float], list[int] | None, list[tuple[int, float]]]:
-    """(loss values, their steps or None, (step, validation loss) pairs) from any LOSS_MAP."""
-    if not isinstance(loss_map, dict) or "loss" not in loss_map:
-        raise UserInputError("The loss input is not a loss map: connect the 'loss_map' output of Train LoRA.")
-    values = [float(v) for v in loss_map["loss"]]
-    steps = loss_map.get("steps")
-    steps = [int(s) for s in steps] if steps is not None and len(steps) == len(values) else None
-    val = loss_map.get("val_loss") or []
-    val_steps = loss_map.get("val_steps") or []
-    validation = []
-    if val and len(val_steps) == len(val):
-        validation = [(int(s), float(v)) for s, v in zip(val_steps, val)]
-    elif val and isinstance(val[0], (list, tuple)):
-        validation = [(int(s), float(v)) for s, v in val]
-    if not values and not validation:
-        raise UserInputError("The loss map is empty: train for at least one step before plotting.")
-    return values, steps, validation
 
 
 NODES = [SaveLoRAWeights, LoadLoRAModel, PlotLossGraph]

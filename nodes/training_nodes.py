@@ -1,5 +1,6 @@
-"""Train LoRA: widgets -> `TrainConfig`, dataset lists -> `TrainingData`, then lora_core's `train`
-inside a ComfyUI training session (see comfy_glue). Checkpoints (every N steps, on cancel, on a
+"""Train LoRA: widgets (plus the settings nodes' values, see training_settings) -> `TrainConfig`,
+dataset lists -> `TrainingData`, then lora_core's `train` inside a ComfyUI training session (see
+comfy_glue). Checkpoints (every N steps, on cancel, on a
 non-finite loss) go to the loras folder so `existing_lora` can continue from them.
 """
 
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import torch
 from PIL import Image
 from comfy_api.latest import io
 
@@ -18,12 +18,15 @@ from ..lora_core.lorafile.lora_model import LoraModel
 from ..lora_core.training.objectives import ObjectiveConfig
 from ..lora_core.plotting import loss_chart_png
 from ..lora_core.training.schedule import check_scheduler
-from ..lora_core.adapters.targets import PRESETS, TargetSpec
-from ..lora_core.training.loop import (CHECKPOINT_POLICIES, NonFiniteLoss, TrainCallbacks, TrainConfig, TrainingData,
+from ..lora_core.adapters.targets import TargetSpec
+from ..lora_core.training.loop import (NonFiniteLoss, TrainCallbacks, TrainConfig, TrainingData,
                                  TrainResult, train)
 from . import comfy_glue as glue
-from .lists import loss_summary, single, training_samples
+from .lists import single, training_samples
 from .lora_nodes import LORA_MODEL, LOSS_MAP, relative_lora_name, write_lora
+from .outputs import NODE_ONLY_SETTINGS, lora_output  # noqa: F401 (re-exported)
+from .training_settings import NODES as SETTINGS_NODES
+from .training_settings import LORA_DTYPES, LOSS_LABELS, MEMORY_SETTINGS, TRAINING_SETTINGS, merged_values  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +37,7 @@ OPTIMIZER_LABELS = {"AdamW": "adamw", "Adam": "adam", "SGD": "sgd", "RMSprop": "
 # Offered only when their package is installed: label -> (engine name, import name).
 OPTIONAL_OPTIMIZER_LABELS = {"Prodigy": ("prodigy", "prodigyopt"), "Lion": ("lion", "lion_pytorch"),
                              "AdamW8bit": ("adamw8bit", "bitsandbytes")}
-LOSS_LABELS = {"MSE": "mse", "L1": "l1", "Huber": "huber", "SmoothL1": "smooth_l1"}
 ALGORITHM_LABELS = {"LoRA": "lora", "LoHa": "loha", "LoKr": "lokr", "OFT": "oft"}
-LORA_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def optimizer_labels() -> list[str]:
@@ -84,6 +85,8 @@ def train_config(v: dict, mixed_sizes: bool) -> TrainConfig:
             min_snr_gamma=v["min_snr_gamma"],
             loss_function=LOSS_LABELS.get(v["loss_function"], v["loss_function"]),
             noise_offset=v["noise_offset"],
+            min_noise_level=v["min_noise_level"],
+            max_noise_level=v["max_noise_level"],
         ),
         adapter=AdapterSpec(
             algorithm=ALGORITHM_LABELS.get(v["algorithm"], v["algorithm"]),
@@ -111,29 +114,6 @@ def train_config(v: dict, mixed_sizes: bool) -> TrainConfig:
     )
 
 
-# Widgets that shape the run but are not part of TrainConfig, recorded in the file too.
-NODE_ONLY_SETTINGS = ("lora_dtype", "quantized_backward", "bucket_mode", "existing_lora")
-
-
-def lora_output(result: TrainResult, config: TrainConfig, v: dict, base_model: str,
-                prediction_type: str) -> LoraModel:
-    """The LORA_MODEL: ComfyUI-internal tensors in lora_dtype (alphas stay float32), metadata,
-    optimizer state."""
-    dtype = LORA_DTYPES[v["lora_dtype"]]
-    tensors = {
-        key: tensor if key.endswith(".alpha") or not tensor.is_floating_point() else tensor.to(dtype)
-        for key, tensor in result.adapter_set.to_state_dict().items()
-    }
-    metadata = resume.training_metadata(config, result.total_steps, result.loss, extra={
-        "base_model": base_model,
-        "prediction_type": prediction_type,
-        "node_settings": {name: v[name] for name in NODE_ONLY_SETTINGS},
-        "loss_summary": loss_summary(result.loss),
-        "stopped_early": str(result.stopped_early).lower(),
-    })
-    return LoraModel({k: t.detach().cpu() for k, t in tensors.items()}, metadata, result.optimizer_state)
-
-
 class TrainLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -156,9 +136,6 @@ class TrainLoRA(io.ComfyNode):
                              tooltip="Optimizer steps in this run (100-2000 typical). Resumed runs add to the total."),
                 io.Int.Input("batch_size", default=1, min=1, max=64,
                              tooltip="Samples per forward pass (1-4 on consumer GPUs). Memory grows with it."),
-                io.Int.Input("grad_accumulation_steps", default=1, min=1, max=1024,
-                             tooltip="Micro-batches summed per optimizer step: a bigger effective batch without "
-                                     "more memory (1-8)."),
                 io.Float.Input("learning_rate", default=0.0005, min=0.0000001, max=1.0, step=0.000001,
                                tooltip="Step size: 1e-4..5e-4 with the default alpha = rank (scale 1); with "
                                        "alpha 1 and rank 8 (scale 1/8, kohya-ss style) use about 8x more. Prodigy "
@@ -179,108 +156,23 @@ class TrainLoRA(io.ComfyNode):
                 io.Combo.Input("optimizer", options=optimizer_labels(), default="AdamW",
                                tooltip="AdamW is the safe choice. Prodigy / Lion / AdamW8bit appear when their "
                                        "package is installed."),
-                io.Combo.Input("loss_function", options=list(LOSS_LABELS), default="MSE",
-                               tooltip="MSE is standard; Huber / SmoothL1 are less sensitive to outliers; L1 is "
-                                       "sharper but noisier."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seeds adapter init, noise, timesteps and batch order: the same seed and "
                                      "inputs give the same LoRA on CPU."),
-                io.Combo.Input("training_dtype", options=["bf16", "fp16", "fp32", "none"], default="bf16",
-                               tooltip="Compute dtype of the forward pass. bf16 on modern GPUs; fp16 for older "
-                                       "ones (loss scaling on); fp32 slow but exact; none = the model's own dtype "
-                                       "(quantized models, with bypass_mode)."),
-                io.Combo.Input("lora_dtype", options=list(LORA_DTYPES), default="bf16",
-                               tooltip="Dtype of the output LoRA tensors (training itself keeps float32 weights). "
-                                       "bf16 halves the file; fp32 keeps every bit."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute blocks in the backward pass instead of keeping their activations: "
-                                         "far less memory, slower by up to one extra forward pass (see "
-                                         "checkpoint_policy). Keep on unless memory is plentiful."),
-                io.Int.Input("checkpoint_depth", default=1, min=1, max=5,
-                             tooltip="1 = checkpoint each block of the model's block lists; 2+ = their "
-                                     "sub-blocks instead (for very large blocks)."),
-                io.Boolean.Input("offloading", default=False,
-                                 tooltip="Keep frozen weights in system RAM and stream them to the GPU layer by "
-                                         "layer: trains models larger than VRAM, slower."),
-                io.Boolean.Input("bypass_mode", default=True,
-                                 tooltip="On (default): adapters run beside each layer (forward hooks), base weights "
-                                         "are never rebuilt as W + dW: the fastest way to train, and needed for "
-                                         "FP8/FP4 (quantized) models. Off: W + dW is rebuilt every step (the "
-                                         "built-in trainer's way; same result, slower)."),
-                io.Boolean.Input("quantized_backward", default=False,
-                                 tooltip="With training_dtype 'none' on a quantized model: run the backward matmuls "
-                                         "in the quantized format too (less memory, a bit less exact)."),
-                io.Boolean.Input("bucket_mode", default=True,
-                                 tooltip="On: latents of different sizes train in batches of one size each. Off: "
-                                         "with mixed sizes, each sample of a batch runs on its own (as ComfyUI's "
-                                         "trainer does): same result, lower peak memory, slower."),
                 io.Combo.Input("existing_lora", options=[glue.NO_LORA] + glue.lora_names(), default=glue.NO_LORA,
                                tooltip="Continue training this LoRA file (step count, settings and optimizer state "
                                        "from the file). [None] = start a new LoRA."),
-                # ---- advanced ------------------------------------------------------------------
-                io.Combo.Input("objective", options=["native", "x0"], default="native", optional=True, advanced=True,
-                               tooltip="native: the model's own target (eps / v / flow velocity), recommended. "
-                                       "x0: compare denoised latents, as ComfyUI's built-in trainer does."),
-                io.Combo.Input("timestep_sampling", options=["uniform", "logit_normal", "shifted"],
-                               default="uniform", optional=True, advanced=True,
-                               tooltip="How noise levels are drawn: uniform (SD1.5/SDXL), logit_normal (SD3 / "
-                                       "Flux style, favours the middle), shifted (more high-noise steps)."),
-                io.Float.Input("timestep_shift", default=3.0, min=0.1, max=20.0, step=0.1, optional=True, advanced=True,
-                               tooltip="Shift for 'shifted' sampling: > 1 means more high-noise steps (3 is usual)."),
-                io.Combo.Input("loss_weighting", options=["none", "min_snr"], default="none", optional=True, advanced=True,
-                               tooltip="min_snr: Min-SNR-gamma weighting, steadier training for eps / v models."),
-                io.Float.Input("min_snr_gamma", default=5.0, min=0.1, max=100.0, step=0.1, optional=True, advanced=True,
-                               tooltip="gamma of Min-SNR weighting (5 is the paper's value)."),
-                io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01, optional=True, advanced=True,
-                               tooltip="Extra per-channel noise so the model learns very dark / bright images "
-                                       "(0 = off, 0.05 typical)."),
-                io.Combo.Input("lr_scheduler", options=["constant", "linear", "cosine"], default="constant",
-                               optional=True, advanced=True, tooltip="Learning-rate schedule over the run's steps."),
-                io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True, advanced=True,
-                             tooltip="Steps of linear learning-rate warmup from 0 (0-100 usual)."),
-                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1, optional=True, advanced=True,
-                               tooltip="Clip the gradient norm to this (1.0 usual); 0 = no clipping."),
-                io.Float.Input("weight_decay", default=0.01, min=0.0, max=1.0, step=0.001, optional=True, advanced=True,
-                               tooltip="Decoupled weight decay (AdamW) pulling adapter weights towards 0 "
-                                       "(0-0.1)."),
-                io.Float.Input("loraplus_ratio", default=1.0, min=0.01, max=64.0, step=0.5, optional=True, advanced=True,
-                               tooltip="LoRA+: the up factors learn this many times faster (16 in the paper); "
-                                       "1 = off."),
-                io.Combo.Input("target_preset", options=list(PRESETS) + ["none"], default="all",
-                               optional=True, advanced=True,
-                               tooltip="Which layers get adapters: all Linear/Conv layers (default; what ComfyUI's "
-                                       "trainer adapts too), attention + MLP only (smaller, a little faster), "
-                                       "attention only, or none (only include_patterns)."),
-                io.String.Input("include_patterns", default="", optional=True, advanced=True,
-                                tooltip="Extra layers: regular expressions on module names, comma or newline "
-                                        "separated, e.g. 'proj_in, time_embed'."),
-                io.String.Input("exclude_patterns", default="", optional=True, advanced=True,
-                                tooltip="Layers to leave out (wins over preset and include), e.g. "
-                                        "'single_blocks\\.(3[0-7])\\.'."),
-                io.Boolean.Input("train_norms_and_biases", default=False, optional=True, advanced=True,
-                                 tooltip="Also train norm weights and the biases of adapted layers (small; can "
-                                         "help style LoRAs)."),
-                io.Int.Input("lokr_factor", default=-1, min=-1, max=256, optional=True, advanced=True,
-                             tooltip="LoKr: Kronecker factor of the first dimension (-1 = balanced)."),
-                io.Int.Input("oft_block_size", default=32, min=2, max=1024, optional=True, advanced=True,
-                             tooltip="OFT: size of the orthogonal blocks (32 usual)."),
-                io.Int.Input("save_every_steps", default=0, min=0, max=100000, optional=True, advanced=True,
-                             tooltip="Write a checkpoint to the loras folder every N steps (0 = only on cancel "
-                                     "and errors)."),
-                io.String.Input("checkpoint_prefix", default="checkpoints/lora", optional=True, advanced=True,
-                                tooltip="Checkpoint file prefix inside models/loras/."),
-                io.Int.Input("validation_every_steps", default=0, min=0, max=100000, optional=True, advanced=True,
-                             tooltip="Every N steps, the loss on the first samples at fixed noise (comparable "
-                                     "across steps; 0 = off)."),
-                io.Int.Input("validation_samples", default=4, min=1, max=1000, optional=True, advanced=True,
-                             tooltip="How many samples the validation loss uses."),
-                io.Combo.Input("checkpoint_policy", options=list(CHECKPOINT_POLICIES), default="auto", optional=True,
-                               advanced=True,
-                               tooltip="With gradient_checkpointing on. auto: the first step measures each block; "
-                                       "blocks then keep their activations, cheapest memory per compute first, up "
-                                       "to the size of the model's weights and at most half the free memory, and "
-                                       "only the rest is recomputed. all_blocks: recompute every block (least "
-                                       "memory, slowest). With offloading every block is recomputed."),
+                io.Int.Input("save_every_steps", default=0, min=0, max=100000,
+                             tooltip="Write a checkpoint to models/loras/ every N steps (0 = only on cancel and "
+                                     "errors); the file prefix is in LoRA Training Settings."),
+                TRAINING_SETTINGS.Input("settings", optional=True,
+                                        tooltip="From LoRA Training Settings: loss, noise levels, learning-rate "
+                                                "schedule, target layers, output dtype, validation. Unconnected: "
+                                                "that node's defaults."),
+                MEMORY_SETTINGS.Input("memory", optional=True,
+                                      tooltip="From LoRA Memory Settings: compute dtype, gradient checkpointing, "
+                                              "offloading, bypass adapters, bucketing. Unconnected: that node's "
+                                              "defaults (bf16, checkpointing auto, bypass on)."),
             ],
             outputs=[
                 LORA_MODEL.Output(display_name="lora", tooltip="The trained LoRA weights (with metadata)."),
@@ -290,19 +182,24 @@ class TrainLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, latents, positive, **widgets) -> io.NodeOutput:
-        # Advanced inputs are optional so API prompts may leave them out: fill in their defaults.
-        values = {i.id: i.default for i in cls.define_schema().inputs if getattr(i, "default", None) is not None}
-        values.update({name: single(value) for name, value in widgets.items()})
-        model = single(model)
-        samples, conds = training_samples(latents, positive)
-        mixed_sizes = len({tuple(x.shape) for x in samples}) > 1
-        config = train_config(values, mixed_sizes)
-        data = TrainingData(latents=samples, conds=conds)
-        return run_training(model, data, config, values)
+    def execute(cls, model, latents, positive, **inputs) -> io.NodeOutput:
+        return run_training(*training_inputs(model, latents, positive, inputs))
+
+
+def training_inputs(model, latents, positive, inputs: dict) -> tuple[object, TrainingData, TrainConfig, dict]:
+    """(model, data, engine config, every setting) from Train LoRA's list inputs (its settings nodes'
+    values merged in); Export Training Job takes the same inputs through here, so a job trains what
+    the node would."""
+    values = merged_values(TrainLoRA.define_schema().inputs, inputs, single)
+    glue.check_trainable(single(model))  # before the dataset is read: audio / 3D latents would fail there
+    samples, conds = training_samples(latents, positive)
+    mixed_sizes = len({tuple(x.shape) for x in samples}) > 1
+    config = train_config(values, mixed_sizes)
+    return single(model), TrainingData(latents=samples, conds=conds), config, values
 
 
 def run_training(model, data: TrainingData, config: TrainConfig, v: dict) -> io.NodeOutput:
+    glue.check_trainable(model)  # first: a family we cannot train is named before anything loads
     base_model = glue.base_model_name(model)
     checkpoints = CheckpointWriter(config, v, base_model)
     fp8_backward = glue.low_vram_check(model, config, v["quantized_backward"]).fp8_backward
@@ -364,4 +261,4 @@ class CheckpointWriter:
         return relative_lora_name(write_lora(lora, self.values["checkpoint_prefix"], steps))
 
 
-NODES = [TrainLoRA]
+NODES = [TrainLoRA, *SETTINGS_NODES]

@@ -93,7 +93,10 @@ def test_presets_on_sd15_names():
     assert default == attention_only | {f"{prefix}ff.net.0.proj", f"{prefix}ff.net.2",
                                         "input_blocks.1.1.proj_in", "input_blocks.1.1.proj_out"}
     everything = set(find_targets(model, TargetSpec(preset="all")))
-    assert everything == default | {"time_embed.0", "input_blocks.0.0", "input_blocks.1.0.in_layers.2"}
+    # The res-block conv joins; the time embedding and the first conv (embedders) stay out unless asked.
+    assert everything == default | {"input_blocks.1.0.in_layers.2"}
+    asked = set(find_targets(model, TargetSpec(preset="all", include=[r"^time_embed\.", r"^input_blocks\.0\.0$"])))
+    assert asked == everything | {"time_embed.0", "input_blocks.0.0"}
 
 
 def test_presets_on_flux_and_sd3_names():
@@ -108,6 +111,10 @@ def test_presets_on_flux_and_sd3_names():
             "joint_blocks.0.x_block.mlp.fc1", "joint_blocks.0.x_block.mlp.fc2"} <= default
     assert not {"double_blocks.0.img_mod.lin", "x_embedder.proj", "final_layer.linear",
                 "joint_blocks.0.x_block.adaLN_modulation.1"} & default
+    everything = set(find_targets(model, TargetSpec(preset="all")))
+    assert default <= everything
+    assert not {"double_blocks.0.img_mod.lin", "x_embedder.proj", "final_layer.linear",
+                "joint_blocks.0.x_block.adaLN_modulation.1"} & everything
 
 
 def test_include_exclude_and_bad_regex():
@@ -129,7 +136,8 @@ def test_norms_found_only_when_asked():
 
 
 def random_set(model, algorithm, seed, targets=None, size=0.2):
-    targets = targets or TargetSpec(preset="all", train_norms_and_biases=True)
+    targets = targets or TargetSpec(preset="all", include=[r"^time_embed\.", r"^input_blocks\.0\.0$"],
+                                    train_norms_and_biases=True)
     spec = AdapterSpec(algorithm=algorithm, rank=2, alpha=2.0, oft_block_size=4)
     adapter_set = AdapterSet.create(model, spec, targets, torch.Generator().manual_seed(seed))
     generator = torch.Generator().manual_seed(seed + 100)

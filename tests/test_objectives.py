@@ -154,3 +154,38 @@ def test_noise_offset_adds_a_constant_per_channel():
 def test_bad_settings_name_the_parameter(settings, word):
     with pytest.raises(UserInputError, match=word):
         ObjectiveConfig(**settings)
+
+
+class SigmaRecorder:
+    """Wraps a toy denoiser and records the sigmas the objective trains at."""
+
+    def __init__(self, inner):
+        self.inner, self.sigmas = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def denoise(self, x_t, sigma, conds):
+        self.sigmas.append(sigma.detach().clone())
+        return self.inner.denoise(x_t, sigma, conds)
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "flow"])
+@pytest.mark.parametrize("low, high", [(0.875, 1.0), (0.0, 0.875), (0.2, 0.4)])
+def test_noise_level_range_keeps_sigmas_inside_it(prediction_type, low, high):
+    """Wan 2.2 14B expert training (musubi-tuner's timestep boundary): every sigma drawn lies in the
+    range, as a fraction of the model's largest sigma, and the whole range is used."""
+    recorder = SigmaRecorder(make_toy_denoiser(prediction_type))
+    top = recorder.sigma_at(torch.ones(1)).item()
+    objective = Objective(ObjectiveConfig(min_noise_level=low, max_noise_level=high))
+    x0, conds = _batch(64)
+    for seed in range(4):
+        objective.loss(recorder, x0, conds, torch.Generator().manual_seed(seed))
+    levels = torch.cat(recorder.sigmas) / top
+    assert levels.min() >= low - 1e-4 and levels.max() <= high + 1e-4
+    assert levels.min() < low + 0.1 * (high - low) and levels.max() > high - 0.1 * (high - low)
+
+
+def test_noise_level_range_must_be_a_range():
+    with pytest.raises(UserInputError, match="min_noise_level < max_noise_level"):
+        ObjectiveConfig(min_noise_level=0.9, max_noise_level=0.5)

@@ -8,6 +8,14 @@ SD1.5/SDXL UNet (attn1/attn2.to_q/k/v/to_out.0, ff.net.0.proj, ff.net.2, proj_in
 Flux (img_attn.qkv/proj, img_mlp.0/2, single_blocks.N.linear1/linear2), SD3 MMDiT (attn.qkv/proj,
 mlp.fc1/fc2), Wan (self_attn.q/k/v/o, ffn.0/2), Qwen-Image (to_q, add_q_proj, to_add_out,
 img_mlp.net.*) and Lumina/Z-Image (attention.qkv/out, feed_forward.w1/w2/w3).
+
+No preset adapts a model's embedders (patch / text / time / guidance / pooled-vector inputs), its
+final layer, or its modulation (adaLN, img_mod / txt_mod, UNet emb_layers): `all` is every Linear /
+Conv inside the transformer or UNet blocks. That is musubi-tuner's choice for every family it
+trains (Flux, HunyuanVideo, Wan, Qwen-Image, Z-Image: the block classes only, modulation excluded)
+and ai-toolkit's for Flux; these layers turn a style LoRA into one that shifts every timestep or
+the whole colour range. Name them in `include` to train them anyway. Norms are not Linear / Conv;
+they train only with `train_norms_and_biases`.
 """
 
 from __future__ import annotations
@@ -29,10 +37,29 @@ _ATTENTION = (
     r"|add_q_proj|add_k_proj|add_v_proj)(\.|$)"
     r"|(^|\.)single_blocks\.\d+\.linear[12]$"
 )
-# Feed-forward modules and the in/out projections of transformer blocks.
+# Feed-forward modules and the in/out projections of transformer blocks (HiDream's mixture of
+# experts sits under ff_i, AuraFlow's under mlpC / mlpX).
 _MLP = (
-    r"(^|\.)(ff|ff_in|ffn|mlp|feed_forward|feedforward|[a-z0-9]+_mlp|mlp_[a-z0-9]+|ff_context)\."
+    r"(^|\.)(ff|ff_in|ffn|mlp|feed_forward|feedforward|[a-z0-9]+_mlp|mlp_[a-z0-9]+|mlp[A-Z]+|ff_context|ff_i|ff_t)\."
     r"|(^|\.)(fc1|fc2|proj_in|proj_out|gate_proj|up_proj|down_proj)$"
+)
+# Left out by every preset (see the module docstring). By family: modulation (Flux / HunyuanVideo
+# img_mod, txt_mod, modulation.lin; Flux.2 *_stream_modulation; Qwen img_mod; SD3 / HiDream /
+# Lumina adaLN_modulation; Cosmos adaln_modulation_*; Kandinsky *_modulation; LTX adaln_single;
+# AuraFlow modC / modX / modF; UNet emb_layers), embedders (x_/t_/y_/p_/cap_embedder, *_embedding,
+# time_embed, label_emb, img_in, txt_in (with HunyuanVideo's token refiner), time_in, vector_in,
+# guidance_in, vision_in, Chroma's distilled_guidance_layer, LTX patchify_proj / caption_projection,
+# AuraFlow init_x_linear / cond_seq_linear) and final layers (final_layer, head, norm_out,
+# top-level proj_out / out / out_layer / final_linear, the UNet's first conv input_blocks.0.0).
+_NOT_BY_DEFAULT = re.compile(
+    r"(^|\.)[a-z0-9_]*(modulation|adaln|adaLN)[a-zA-Z0-9_]*(\.|$)"
+    r"|(^|\.)(img_mod|txt_mod|mod[A-Z]+|emb_layers)(\.|$)"
+    r"|(^|\.)[a-z0-9_]*(embedder|embedding|embeddings|embed)(\.|$)"
+    r"|(^|\.)(label_emb|time_in|vector_in|guidance_in|img_in|txt_in|time_projection|time_text_embed|img_emb"
+    r"|vision_in|byt5_in|distilled_guidance_layer|caption_projection|cond_seq_linear|init_x_linear"
+    r"|patchify_proj|t_block|llm_adapter)(\.|$)"
+    r"|^(final_layer|final_linear|norm_out|proj_out|head|out|out_layer)(\.|$)"
+    r"|^input_blocks\.0\.0$"
 )
 PRESETS = {
     "attention": re.compile(_ATTENTION),
@@ -96,7 +123,8 @@ def find_targets(model: nn.Module, spec: TargetSpec) -> dict[str, nn.Module]:
             continue
         if any(p.search(name) for p in excluded):
             continue
-        if (preset is not None and preset.search(name)) or any(p.search(name) for p in included):
+        in_preset = preset is not None and preset.search(name) and not _NOT_BY_DEFAULT.search(name)
+        if in_preset or any(p.search(name) for p in included):
             found[name] = module
     return found
 

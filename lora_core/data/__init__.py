@@ -11,6 +11,7 @@ from .captions import CaptionOptions, caption_entries, read_caption_file, with_t
 from .folder_dataset import FolderDataset, FolderOptions, load_image_folder
 from .images import ImageLoadOptions, ImageTooLarge, LoadedImages, load_image, load_images
 from .load_any import list_dataset_folders, load_training_dataset
+from .pairs import PairDataset, PairOptions, PairScan, load_pair_folder, scan_pairs
 from .paths import resolve_inside
 from .resize import ResizeSpec, cover_crop, fit_pad, resize_image
 from .dataset_reader import DatasetReader, load_dataset, open_dataset, read_manifest
@@ -22,7 +23,8 @@ __all__ = [
     "group_latents_by_size", "make_buckets", "nearest_bucket", "load_builtin_dataset", "CaptionOptions",
     "caption_entries", "read_caption_file", "with_trigger", "FolderDataset", "FolderOptions", "load_image_folder",
     "ImageLoadOptions", "ImageTooLarge", "LoadedImages", "load_image", "load_images", "list_dataset_folders",
-    "load_training_dataset", "resolve_inside", "ResizeSpec", "cover_crop", "fit_pad", "resize_image",
+    "load_training_dataset", "PairDataset", "PairOptions", "PairScan", "load_pair_folder", "scan_pairs",
+    "resolve_inside", "ResizeSpec", "cover_crop", "fit_pad", "resize_image",
     "DatasetReader", "read_manifest", "DatasetSamples", "SampleInfo", "SaveOptions", "file_sha256", "is_saved_dataset",
     "load_dataset", "open_dataset", "save_dataset", "IMAGE_EXTENSIONS", "FolderScan", "ImageEntry", "scan_folder",
 ]

@@ -14,6 +14,7 @@ training is cancelled by an exception.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+from .autograd_safety import recompute_context
 
 _log = logging.getLogger(__name__)
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
@@ -109,11 +112,30 @@ def find_checkpoint_blocks(root: nn.Module, depth: int = 1) -> dict[str, nn.Modu
     return dict(units)
 
 
+def _contexts():
+    # The recompute of a block that writes into tensors it saved must see what the forward saw:
+    # inside a training run, AutogradSafety tracks what the recompute saves (no-op otherwise).
+    return contextlib.nullcontext(), recompute_context()
+
+
 def _checkpointed(forward: Callable) -> Callable:
     def checkpointed_forward(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        # Tensor keyword arguments go in positionally: checkpoint saves positional tensors for the
+        # recompute (so a later in-place write into one is caught), but keeps keyword ones as bare
+        # references that such a write would silently change (Flux passes img=, txt=).
+        names = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]
+        if not names:
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
+        others = {name: value for name, value in kwargs.items() if name not in names}
+        count = len(args)
+
+        def positional_forward(*inputs):
+            return forward(*inputs[:count], **others, **dict(zip(names, inputs[count:])))
+
+        return checkpoint(positional_forward, *args, *(kwargs[name] for name in names), use_reentrant=False,
+                          context_fn=_contexts)
 
     return checkpointed_forward
 
@@ -158,12 +180,23 @@ def tensor_storages(tensors) -> set[int]:
     return {_storage(t)[0] for t in tensors if isinstance(t, torch.Tensor)}
 
 
+def _private_copy(value):
+    if not isinstance(value, torch.Tensor) or type(value) is not torch.Tensor:
+        return value
+    # A clone in the graph, not a new leaf: code may write into it in place (a leaf would refuse).
+    return value.clone() if value.requires_grad else value.detach().clone()
+
+
 def measure_block(forward: Callable, args: tuple, kwargs: dict, excluded_storages: set[int]) -> BlockCost:
     """Run `forward` once with autograd on, count the bytes it saves for backward and its FLOPs, drop the result.
 
     The peak is one block's activations, which a checkpointed backward holds anyway while it
-    recomputes that block. RNG state is restored, so dropout draws are as if this never ran.
+    recomputes that block. RNG state is restored, so dropout draws are as if this never ran. The
+    block runs on copies of its tensor inputs: a block that writes into its inputs in place
+    (inference code does) must not change what the real call after this one reads.
     """
+    args = tuple(_private_copy(a) for a in args)
+    kwargs = {k: _private_copy(v) for k, v in kwargs.items()}
     tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
     inputs = tensor_storages(tensors)
     seen: dict[int, int] = {}

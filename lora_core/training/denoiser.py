@@ -32,8 +32,9 @@ class Denoiser(Protocol):
     """Where the forward pass runs: batches and adapters go here (with offloading, base weights
     may live elsewhere, so this is not read off the parameters)."""
 
-    def sigma_at(self, t: Tensor) -> Tensor:
-        """t in [0, 1], 1 = most noise -> sigma, one per sample."""
+    def sigma_at(self, t: Tensor, latent_shape: tuple[int, ...] | None = None) -> Tensor:
+        """t in [0, 1], 1 = most noise -> sigma, one per sample. `latent_shape` is the batch's
+        latent shape, for models whose noise schedule depends on the image size (Flux.1 dev)."""
         ...
 
     def add_noise(self, x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor: ...
@@ -49,6 +50,10 @@ class Denoiser(Protocol):
     def prepare_latents(self, latents: Tensor) -> Tensor:
         """Into the model's latent space (ComfyUI: `process_latent_in`)."""
         ...
+
+    # Optional (read with getattr, so not part of the runtime check):
+    # `autograd_reference_ops: dict` - {op: plain-torch function} for ops the model calls that have
+    # no autograd formula (fused kernels); training runs the function instead (`AutogradSafety`).
 
 
 def per_sample(values: Tensor, like: Tensor) -> Tensor:

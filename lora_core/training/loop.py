@@ -5,7 +5,9 @@ then one optimizer step per iteration (micro-batches, accumulate, clip, step, re
 result. Every random draw comes from a generator seeded by (seed, purpose, position) (see
 `training/seeds.py`), so the same inputs and seed on CPU give bit-identical weights, a run resumed
 at step N continues exactly as an uninterrupted one, and batch 4 sees per sample what 2 x 2
-accumulation sees.
+accumulation sees. Launched by torchrun, each process trains a replica on its share of every
+micro-batch and the adapter gradients are summed over the ranks (`training/distributed.py`), so
+the result does not depend on the number of processes.
 
 Adapters, checkpointing and the frozen flags are undone by an ExitStack (try/finally): a cancel
 that arrives as a `BaseException` from a callback (ComfyUI's progress bar does this) leaves the
@@ -26,6 +28,7 @@ from torch import Tensor
 from ..adapters.adapter_set import AdapterSet
 from ..adapters import AdapterSpec
 from ..adapters.attach import attach_bypass, attach_merged
+from ..memory.autograd_safety import AutogradSafety
 from ..memory.checkpointing import GradientCheckpointing
 from ..memory.device_memory import activation_budget
 from .denoiser import Denoiser
@@ -36,6 +39,7 @@ from .optim import align_optimizer_state, make_optimizer, normalise_optimizer_na
 from ..memory.quantized import require_bypass_for_quantized
 from .schedule import check_scheduler, lr_multiplier
 from ..adapters.targets import TargetSpec
+from .distributed import DataParallel
 from .plan import BatchPlan, MicroBatch
 from .precision import Precision, check_training_dtype
 from .seeds import generator_for
@@ -150,6 +154,7 @@ class TrainCallbacks:
     # (global step, adapters, optimizer state on CPU) every `save_every_steps` before the last step. The
     # adapters are the live ones: save them (`to_state_dict` copies) inside the callback.
     on_checkpoint: Callable[[int, AdapterSet, dict], None] | None = None
+    on_validation: Callable[[int, float], None] | None = None  # (global step, validation loss)
 
 
 @dataclass
@@ -254,7 +259,11 @@ def train(
     callbacks: TrainCallbacks | None = None,
     resume: ResumePoint | None = None,
     validation_data: TrainingData | None = None,
+    replica: DataParallel | None = None,
 ) -> TrainResult:
+    """Train adapters on `denoiser`. With `replica` (one process of a torchrun group) every rank
+    runs this with the same arguments; `config.batch_size` stays the step's total over all ranks,
+    validation runs on rank 0 only, and callbacks should write files on rank 0 only."""
     callbacks = callbacks or TrainCallbacks()
     device = torch.device(denoiser.device)
     objective = Objective(config.objective)
@@ -271,6 +280,9 @@ def train(
     else:
         adapter_set, steps_done = resume.adapter_set, resume.steps_done
     adapter_set = adapter_set.to(device=device, dtype=torch.float32)
+    if replica is not None:
+        replica.broadcast_parameters(adapter_set.parameters())
+    validate = config.validation_every_steps and (replica is None or replica.is_main)
 
     optimizer = make_optimizer(
         config.optimizer,
@@ -298,6 +310,7 @@ def train(
     # Quantized (float8 / packed) weights cannot hold W + dW: only bypass hooks train on them.
     require_bypass_for_quantized(denoiser.module, config.bypass)
     attach = attach_bypass if config.bypass else lambda m, s: attach_merged(m, s, trainable=True)
+    reference_ops = getattr(denoiser, "autograd_reference_ops", None)  # optional part of the protocol
     step = steps_done
     with contextlib.ExitStack() as attached:
         attached.enter_context(_frozen(denoiser.module))
@@ -312,12 +325,20 @@ def train(
         if config.offloading:  # after attach: a merge parametrization's weight is streamed too
             offloader = attached.enter_context(BlockOffloader(denoiser.module, device, depth=config.checkpoint_depth))
 
-        if config.validation_every_steps:
+        def record_validation() -> None:
             val_history.append((step, validation_loss(denoiser, objective, validation_data, config.validation_samples,
                                                       config.seed, precision, device)))
+            if callbacks.on_validation is not None:
+                callbacks.on_validation(*val_history[-1])
+
+        if validate:
+            record_validation()
 
         while step < total_steps:
-            if callbacks.should_stop is not None and callbacks.should_stop():
+            stop = callbacks.should_stop is not None and callbacks.should_stop()
+            if replica is not None:
+                stop = replica.any(stop)  # a stop on any rank stops all of them at the same step
+            if stop:
                 stopped_early = True
                 break
 
@@ -332,14 +353,24 @@ def train(
             sample_count = sum(len(b.indices) for b in micro_batches)
             summed_loss = torch.zeros((), device=device)
             for batch in micro_batches:
+                if replica is not None:
+                    batch = replica.share(batch)
+                    if not batch.indices:
+                        continue  # fewer samples than ranks: this rank adds a zero gradient
                 x0 = _latent_batch(denoiser, data, batch.indices, device)
                 t, noise = _draws(objective, batch, x0, config.seed)
                 conds = [data.cond(i) for i in batch.indices]
-                with precision.autocast():
-                    per_sample = objective.loss_at(denoiser, x0, conds, t.to(device), noise.to(device))
-                loss = per_sample.sum() / sample_count
-                precision.backward(loss)
+                # Model code written for inference writes into tensors autograd saved (and calls
+                # fused ops without gradients): made safe for this forward + backward only.
+                with AutogradSafety(reference_ops):
+                    with precision.autocast():
+                        per_sample = objective.loss_at(denoiser, x0, conds, t.to(device), noise.to(device))
+                    loss = per_sample.sum() / sample_count
+                    precision.backward(loss)
                 summed_loss += loss.detach()
+            if replica is not None:
+                summed_loss = replica.sum(summed_loss)
+                replica.reduce_gradients(trainable)
             step_loss = summed_loss.item()
             if offloader is not None:
                 offloader.release_all()  # the block recomputed last is not needed until the next forward
@@ -375,9 +406,8 @@ def train(
                 )
             if callbacks.on_step is not None:
                 callbacks.on_step(step, loss_history[-1], lr)
-            if config.validation_every_steps and (step % config.validation_every_steps == 0 or step == total_steps):
-                val_history.append((step, validation_loss(denoiser, objective, validation_data,
-                                                          config.validation_samples, config.seed, precision, device)))
+            if validate and (step % config.validation_every_steps == 0 or step == total_steps):
+                record_validation()
             if callbacks.on_checkpoint is not None and config.save_every_steps and step % config.save_every_steps == 0 \
                     and step < total_steps:
                 callbacks.on_checkpoint(step, adapter_set, cpu_copy(optimizer.state_dict()))

@@ -54,6 +54,11 @@ class ObjectiveConfig:
     loss_function: str = "mse"
     huber_delta: float = 1.0
     noise_offset: float = 0.0
+    # Train only at noise levels in [min, max]: sigma / the model's largest sigma, which for flow
+    # models is sigma itself (musubi-tuner's timestep / 1000). Wan 2.2 14B trains one expert per
+    # range: high noise [0.875, 1] (T2V; I2V 0.9), low noise [0, 0.875].
+    min_noise_level: float = 0.0
+    max_noise_level: float = 1.0
 
     def __post_init__(self):
         self.target = _choice("target", self.target, TARGETS)
@@ -71,6 +76,11 @@ class ObjectiveConfig:
                 raise UserInputError(f"{name} = {value} must be a positive number.")
         if not math.isfinite(self.logit_normal_mean):
             raise UserInputError(f"logit_normal_mean = {self.logit_normal_mean} must be a finite number.")
+        if not (0.0 <= self.min_noise_level < self.max_noise_level <= 1.0):
+            raise UserInputError(
+                f"The noise-level range [{self.min_noise_level}, {self.max_noise_level}] is empty or outside [0, 1]: "
+                "use 0 <= min_noise_level < max_noise_level <= 1 (Wan 2.2 high-noise expert: 0.875 and 1; "
+                "low-noise expert: 0 and 0.875).")
         if not math.isfinite(self.noise_offset) or self.noise_offset < 0:
             raise UserInputError(f"noise_offset = {self.noise_offset} must be 0 (off) or a small positive number such as 0.05.")
 
@@ -98,9 +108,44 @@ def elementwise_loss(config: ObjectiveConfig, prediction: Tensor, target: Tensor
     return F.smooth_l1_loss(prediction, target, reduction="none", beta=config.huber_delta)
 
 
+def noise_level_bounds(denoiser: Denoiser, low: float, high: float, latent_shape: tuple[int, ...]) -> tuple[float, float]:
+    """(t_low, t_high): the t whose noise level sigma(t) / sigma(1) is `low` / `high`, by bisection
+    (sigma grows with t for every model family)."""
+    top = float(denoiser.sigma_at(torch.ones(1), latent_shape)[0])
+
+    def t_for(level: float) -> float:
+        if level <= 0.0:
+            return 0.0
+        if level >= 1.0:
+            return 1.0
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if float(denoiser.sigma_at(torch.tensor([mid]), latent_shape)[0]) / top < level:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    return t_for(low), t_for(high)
+
+
 class Objective:
     def __init__(self, config: ObjectiveConfig | None = None):
         self.config = config or ObjectiveConfig()
+        self._bounds: dict[tuple, tuple[float, float]] = {}
+
+    def restrict(self, denoiser: Denoiser, t: Tensor, latent_shape: tuple[int, ...]) -> Tensor:
+        """t in [0, 1] mapped linearly onto the t range of the configured noise levels (identity
+        for the full range), so the drawn distribution keeps its shape inside the range."""
+        low, high = self.config.min_noise_level, self.config.max_noise_level
+        if low <= 0.0 and high >= 1.0:
+            return t
+        key = (id(denoiser), tuple(latent_shape[1:]))
+        if key not in self._bounds:
+            self._bounds[key] = noise_level_bounds(denoiser, low, high, tuple(latent_shape))
+        t_low, t_high = self._bounds[key]
+        return t_low + (t_high - t_low) * t
 
     def draw(self, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """(t, noise) for a batch, from `generator` on CPU; the caller moves them to the device."""
@@ -119,7 +164,8 @@ class Objective:
     def loss_at(self, denoiser: Denoiser, x0: Tensor, conds: list, t: Tensor, noise: Tensor) -> Tensor:
         """Per-sample loss [B] at given timesteps and noise (validation uses a fixed grid)."""
         x0 = x0.float()
-        sigma = denoiser.sigma_at(t)
+        t = self.restrict(denoiser, t, tuple(x0.shape))
+        sigma = denoiser.sigma_at(t, tuple(x0.shape))
         x_t = denoiser.add_noise(x0, noise.float(), sigma)
         denoised = denoiser.denoise(x_t, sigma, conds).float()
         if self.config.target == "x0":

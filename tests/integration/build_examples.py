@@ -118,7 +118,8 @@ def mixed_resolutions(g: Graph):
 Images of any size and aspect ratio in **ComfyUI/input/{FOLDER}/** (no resizing in the loader).
 **Resolution Bucket** fits each image to the nearest bucket of about {RESOLUTION}x{RESOLUTION} pixels
 (sides in steps of 64 px) and groups equal sizes, so batches of batch_size > 1 come from one bucket.
-Keep **bucket_mode** on in Train LoRA. The bucket table is shown on the Resolution Bucket node.
+Keep **bucket_mode** on (LoRA Memory Settings; on by default). The bucket table is shown on the Resolution
+Bucket node.
 """)
     ckpt = _checkpoint(g)
     images = g.add(P + "LoadImageTextDataset", (X0, 200), folder=FOLDER, resize="none",
@@ -130,8 +131,7 @@ Keep **bucket_mode** on in Train LoRA. The bucket table is shown on the Resoluti
     g.connect(ckpt.out("VAE"), data, "vae")
     g.connect(ckpt.out("CLIP"), data, "clip")
     g.connect(images.out("texts"), data, "texts")
-    train = _train(g, (X2, 0), ckpt.out("MODEL"), data.out("latents"), data.out("conditioning"),
-                   bucket_mode=True, batch_size=2)
+    train = _train(g, (X2, 0), ckpt.out("MODEL"), data.out("latents"), data.out("conditioning"), batch_size=2)
     _save_and_plot(g, train, "my_bucketed_lora")
 
 
@@ -182,9 +182,9 @@ Use the same dataset, rank and algorithm as the first run. Images: **ComfyUI/inp
 def low_vram(g: Graph):
     _note(g, f"""
 ## Low VRAM: FP8 weights, bypass adapters
-The diffusion model is loaded with **fp8_e4m3fn** weights (half the memory of fp16). Train LoRA uses
-**training_dtype none** (compute in the model's own dtype), **bypass_mode** (adapters beside each layer, the FP8
-weights are never rewritten), gradient checkpointing and offloading. Use **bypass** in Load LoRA Model when
+The diffusion model is loaded with **fp8_e4m3fn** weights (half the memory of fp16). **LoRA Memory Settings**
+sets **training_dtype none** (compute in the model's own dtype), **bypass_mode** (adapters beside each layer, the
+FP8 weights are never rewritten), gradient checkpointing and offloading. Use **bypass** in Load LoRA Model when
 you generate with an FP8 model. Files: models/diffusion_models, models/text_encoders, models/vae.
 Images: **ComfyUI/input/{FOLDER}/**.
 """, height=260)
@@ -198,10 +198,11 @@ Images: **ComfyUI/input/{FOLDER}/**.
     g.connect(vae.out("VAE"), data, "vae")
     g.connect(clip.out("CLIP"), data, "clip")
     g.connect(caption.out(0), data, "texts")
-    train = _train(g, (X2, 0), unet.out("MODEL"), data.out("latents"), data.out("conditioning"),
-                   training_dtype="none", bypass_mode=True, gradient_checkpointing=True, offloading=True,
-                   quantized_backward=True)
-    _save_and_plot(g, train, "my_lowvram_lora")
+    train = _train(g, (X2, 0), unet.out("MODEL"), data.out("latents"), data.out("conditioning"))
+    save, _ = _save_and_plot(g, train, "my_lowvram_lora")
+    memory = g.add(P + "MemorySettings", (X1, 640), training_dtype="none", bypass_mode=True,
+                   gradient_checkpointing=True, offloading=True, quantized_backward=True)
+    g.connect(memory.out("memory"), train, "memory")
 
 
 def train_then_generate(g: Graph):
@@ -250,7 +251,7 @@ def video_folder(g: Graph):
 3. **Sample Video Clips** cuts clips of 33 frames at 16 fps (Wan's rate; frame counts snap to 4k+1, read from the
    VAE), two per video spread evenly. **Resolution Bucket** crops each clip to a bucket of about 512x512 pixels
    (frames are decoded and cropped only when Make Training Dataset encodes that clip). Train LoRA keeps clips of one
-   shape per batch (bucket_mode) and recomputes blocks (gradient checkpointing) to fit consumer GPUs.
+   shape per batch (bucket_mode) and recomputes blocks (gradient checkpointing), both on by default.
 """, height=300)
     unet = g.add("UNETLoader", (X0, 0), unet_name="wan2.1_t2v_1.3B_fp16.safetensors")
     clip = g.add("CLIPLoader", (X0, 170), clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan")
@@ -270,8 +271,40 @@ def video_folder(g: Graph):
     g.connect(clip.out("CLIP"), data, "clip")
     g.connect(clips.out("texts"), data, "texts")
     train = _train(g, (X2, 0), unet.out("MODEL"), data.out("latents"), data.out("conditioning"),
-                   learning_rate=0.0002, rank=16, alpha=16.0, gradient_checkpointing=True, bucket_mode=True)
+                   learning_rate=0.0002, rank=16, alpha=16.0)
     _save_and_plot(g, train, "my_wan_video_lora")
+
+
+EDIT_FOLDER = "lora_edit_pairs"
+
+
+def edit_pairs(g: Graph):
+    _note(g, f"""
+## Edit-model LoRA (Qwen-Image-Edit): train on (control, target) pairs
+Put pairs in **ComfyUI/input/{EDIT_FOLDER}/**: `cat.png` is the **target** (the edited result) and `cat_control.png`
+its **control** (the input image), or `control/cat.png` in a control folder beside it (musubi-tuner / ai-toolkit
+layout); `cat.txt` holds the edit instruction. Each control is VAE-encoded into its sample's own reference latents,
+as TextEncodeQwenImageEdit does when you generate. For Flux.1 Kontext pick its model, text encoders and VAE and set
+**edit_model** to Flux.1 Kontext; for Qwen-Image-Edit-2509 / 2511 raise **max_controls** (up to 3:
+`cat_control_1.png`, `cat_control_2.png`, ...). FP8 weights, bypass and offloading (**LoRA Memory Settings**) as in the low-VRAM example.
+""", height=300)
+    unet = g.add("UNETLoader", (X0, 0), unet_name="qwen_image_edit_fp8_e4m3fn.safetensors", weight_dtype="fp8_e4m3fn")
+    clip = g.add("CLIPLoader", (X0, 170), clip_name="qwen_2.5_vl_7b_fp8_scaled.safetensors", type="qwen_image")
+    vae = g.add("VAELoader", (X0, 340), vae_name="qwen_image_vae.safetensors")
+    pairs = g.add(P + "LoadEditPairsDataset", (X0, 470), folder=EDIT_FOLDER, resize="center_crop", width=1024,
+                  height=1024, trigger_word="", default_caption="apply the edit", max_controls=1)
+    data = g.add(P + "MakeTrainingDataset", (X1, 300), edit_model="Qwen-Image-Edit")
+    g.connect(pairs.out("images"), data, "images")
+    g.connect(vae.out("VAE"), data, "vae")
+    g.connect(clip.out("CLIP"), data, "clip")
+    g.connect(pairs.out("texts"), data, "texts")
+    g.connect(pairs.out("controls"), data, "controls")
+    train = _train(g, (X2, 0), unet.out("MODEL"), data.out("latents"), data.out("conditioning"),
+                   learning_rate=0.0001, rank=16, alpha=16.0)
+    _save_and_plot(g, train, "my_edit_lora")
+    memory = g.add(P + "MemorySettings", (X1, 640), training_dtype="none", bypass_mode=True,
+                   gradient_checkpointing=True, offloading=True)
+    g.connect(memory.out("memory"), train, "memory")
 
 
 EXAMPLES = {
@@ -284,6 +317,7 @@ EXAMPLES = {
     "lora_06_low_vram_fp8_bypass": low_vram,
     "lora_07_train_then_generate": train_then_generate,
     "lora_08_video_folder": video_folder,
+    "lora_09_edit_pairs": edit_pairs,
 }
 
 

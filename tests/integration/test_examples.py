@@ -91,3 +91,9 @@ def test_07_train_then_generate(comfy, object_info, training_folder):
     result = comfy.run_ok(prompt)
     images = saved_files(result, node_id(prompt, "SaveImage"))
     assert images and (comfy.output_dir / images[0]["subfolder"] / images[0]["filename"]).exists()
+
+
+def test_09_edit_pairs():
+    pytest.skip("lora_09_edit_pairs needs a Qwen-Image-Edit model and its 7B Qwen2.5-VL text encoder, which cannot be "
+                "made tiny enough for ComfyUI's loaders to detect: test_edit_pairs.py::test_example_runs_in_process "
+                "runs the shipped graph in-process on a tiny Qwen-Image-Edit model instead")

@@ -1,11 +1,13 @@
-"""/object_info lists the pack's thirteen nodes, each input with a tooltip, all under one category root."""
+"""/object_info lists each of the pack's nodes, each input with a tooltip, all under one category root."""
 import pytest
 
 PREFIX = "LoRATrainer_"
 DISPLAY_NAMES = {
-    "Load Image Dataset from Folder", "Load Image and Text Dataset from Folder", "Make Training Dataset",
+    "Load Image Dataset from Folder", "Load Image and Text Dataset from Folder", "Load Edit Pairs from Folder",
+    "Make Training Dataset",
     "Resolution Bucket", "Save Training Dataset", "Load Training Dataset", "Train LoRA", "Save LoRA Weights",
-    "Load LoRA Model", "Plot Loss Graph", "Load Video Dataset from Folder", "Load Video and Text Dataset from Folder",
+    "Load LoRA Model", "Plot Loss Graph", "LoRA Training Settings", "LoRA Memory Settings",
+    "Export Training Job", "Load Video Dataset from Folder", "Load Video and Text Dataset from Folder",
     "Sample Video Clips",
 }
 
@@ -40,3 +42,20 @@ def test_core_training_nodes_still_load_beside_ours(comfy):
     info = comfy.object_info()
     for core in ("TrainLoraNode", "LoraModelLoader", "LossGraphNode", "LoraLoader", "SaveTrainingDataset"):
         assert core in info, f"core node {core} is missing with the pack installed"
+
+
+def test_train_lora_shows_only_the_everyday_widgets(our_nodes):
+    """The default canvas of comfyui-frontend-package 1.49.6 draws `advanced` inputs too, so Train LoRA
+    keeps at most a dozen widgets and its knobs sit on the two settings nodes."""
+    from workflow_api import widget_inputs
+
+    train = our_nodes[PREFIX + "TrainLoRA"]
+    widgets = [name for name, _ in widget_inputs(train)]
+    assert len(widgets) <= 12, widgets
+    assert {"steps", "learning_rate", "rank", "seed", "existing_lora"} <= set(widgets), widgets
+    optional = train["input"].get("optional", {})
+    assert optional["settings"][0] == our_nodes[PREFIX + "TrainingSettings"]["output"][0]
+    assert optional["memory"][0] == our_nodes[PREFIX + "MemorySettings"]["output"][0]
+    flagged = [name for kind in ("required", "optional") for name, entry in train["input"].get(kind, {}).items()
+               if len(entry) > 1 and isinstance(entry[1], dict) and entry[1].get("advanced")]
+    assert not flagged, f"inputs marked advanced still show on the canvas: {flagged}"
