@@ -275,8 +275,9 @@ class MakeTrainingDataset(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, vae, clip, images=None, texts=None, controls=None, edit_model=None, control_resize=None,
-                videos=None, vae_tile_size=None) -> io.NodeOutput:
+    def execute(cls, images=None, vae=None, clip=None, texts=None, controls=None, edit_model=None,
+                control_resize=None, videos=None, vae_tile_size=None) -> io.NodeOutput:
+        # `images` first and optional (a video-only dataset has none); ComfyUI passes everything by name.
         vae, clip = single(vae), single(clip)
         if not images and not videos:
             raise UserInputError("Make Training Dataset has nothing to encode: connect images (Load Image Dataset "
