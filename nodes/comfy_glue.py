@@ -12,6 +12,10 @@ The node classes call these functions; `lora_core` never sees a ComfyUI object. 
   that refuse paths leading outside, progress bar + live loss chart, cancel.
 - Bypass application of a LoRA on a ModelPatcher clone through a PatcherInjection, so our hooks
   exist only while that clone is the one loaded and any number of bypass LoRAs stack.
+- LoRA key names: the other names of the model's layers from ComfyUI's own key tables
+  (`comfy.lora.model_lora_keys_unet`, `comfy.utils.unet_to_diffusers`), called, never copied, so
+  files named for diffusers, kohya-ss, musubi-tuner... are read as ComfyUI reads them, and the
+  kohya-ss export uses the names those tools give each family.
 
 Invariant: no hook, wrapper or flag set here outlives the call that set it, except through a
 ModelPatcher clone that owns it.
@@ -31,6 +35,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import comfy.lora
 import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
@@ -41,7 +46,9 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
+from ..lora_core.adapters.sliced import Slice
 from ..lora_core.data.paths import is_inside
+from ..lora_core.lorafile.keys import KohyaNaming
 from ..lora_core.errors import UserInputError
 from ..lora_core.memory.quantized import LowVramCheck, check_low_vram_settings
 from . import outputs
@@ -584,3 +591,73 @@ def apply_bypass(model, attach: Callable[[torch.nn.Module], object]):
 def diffusion_module_names(model) -> list[str]:
     """Dotted module names of the diffusion model (to map kohya / PEFT keys onto it)."""
     return [name for name, _ in model.model.diffusion_model.named_modules() if name]
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA key names
+# --------------------------------------------------------------------------------------------
+
+_MODEL_PREFIX = "diffusion_model."
+
+
+def lora_key_aliases(model) -> dict[str, str | Slice]:
+    """Every other name ComfyUI's loader knows for the diffusion model's layers (kohya-ss with
+    diffusers block names, diffusers/PEFT, OneTrainer, SimpleTuner LyCORIS...) -> our module name,
+    or the Slice of a fused layer ComfyUI patches for it (diffusers Flux/SD3 `to_q` -> `qkv`)."""
+    aliases: dict[str, str | Slice] = {}
+    for name, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
+        if isinstance(target, tuple):
+            # (weight, (dim, offset, size)): rows of a fused layer. Entries that also transform the
+            # weight (a third element, e.g. Flux's swapped norm_out scale/shift) have no bypass form.
+            if len(target) != 2 or not isinstance(target[1], tuple) or len(target[1]) != 3:
+                continue
+            weight, (dim, offset, size) = target
+            if dim == 0 and _is_model_weight(weight):
+                aliases[name] = Slice(weight[len(_MODEL_PREFIX):-len(".weight")], int(offset), int(size))
+        elif isinstance(target, str) and _is_model_weight(target):
+            aliases[name] = target[len(_MODEL_PREFIX):-len(".weight")]
+    return aliases
+
+
+def _is_model_weight(key) -> bool:
+    return isinstance(key, str) and key.startswith(_MODEL_PREFIX) and key.endswith(".weight")
+
+
+# ComfyUI model config -> (family, how kohya-ss / musubi-tuner name its layers, their ss_* fields).
+# "diffusers": sd-scripts builds SD1.x/2.x as a diffusers-named UNet; "own": the tool's model uses
+# ComfyUI's names (SDXL's LDM UNet in sd-scripts, BFL Flux, original Wan, Qwen-Image);
+# "original_hunyuan": musubi-tuner's HunyuanVideo keeps the original names (img_attn_qkv, mlp.fc1),
+# which ComfyUI's table lists under "transformer.".
+_KOHYA_FAMILIES = {
+    "SD15": ("SD1.x", "diffusers", {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1", "ss_v2": "False"}),
+    "SD20": ("SD2.x", "diffusers", {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v2", "ss_v2": "True"}),
+    "SDXL": ("SDXL", "own", {"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"}),
+    "Flux": ("Flux", "own", {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"}),
+    "FluxSchnell": ("Flux", "own", {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"}),
+    "WAN21_T2V": ("Wan", "own", {"ss_network_module": "networks.lora_wan"}),
+    "WAN21_I2V": ("Wan", "own", {"ss_network_module": "networks.lora_wan"}),
+    "WAN22_T2V": ("Wan", "own", {"ss_network_module": "networks.lora_wan"}),
+    "HunyuanVideo": ("HunyuanVideo", "original_hunyuan", {"ss_network_module": "networks.lora"}),
+    "QwenImage": ("Qwen-Image", "own", {"ss_network_module": "networks.lora_qwen_image"}),
+}
+
+
+def kohya_naming(model) -> KohyaNaming:
+    """How kohya-ss / musubi-tuner name this model's layers, or why there is no kohya export."""
+    config = base_model_name(model)
+    if config not in _KOHYA_FAMILIES:
+        return KohyaNaming(config, None, reason=(
+            f"the layer names kohya-ss / musubi-tuner write for {config} models are not confirmed for this pack, "
+            "and a guessed name would load as nothing in those tools."))
+    family, how, fields = _KOHYA_FAMILIES[config]
+    modules = diffusion_module_names(model)
+    if how == "own":
+        names = {name: name for name in modules}
+    elif how == "diffusers":
+        table = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+        names = {ldm[:-len(".weight")]: diffusers[:-len(".weight")]
+                 for diffusers, ldm in table.items() if diffusers.endswith(".weight")}
+    else:
+        names = {target: alias[len("transformer."):] for alias, target in lora_key_aliases(model).items()
+                 if isinstance(target, str) and alias.startswith("transformer.")}
+    return KohyaNaming(family, names, dict(fields))

@@ -37,6 +37,7 @@ import torch
 
 from ..lora_core.errors import TrainingStopped, UserInputError
 from ..lora_core.lorafile.files import load_lora
+from ..lora_core.lorafile.keys import KohyaNaming
 from ..lora_core.lorafile.resume import load_optimizer_state, resume_point, sidecar_path, steps_done
 from ..lora_core.training.distributed import DataParallel, ReplicaFailed
 from ..lora_core.training.job import TrainingJob, read_job, read_run_state, write_run_state
@@ -154,6 +155,8 @@ class ToyBackend:
 
     def __init__(self, args: argparse.Namespace, job: TrainingJob):
         self.lora_root = self.output_dir = args.output_dir or job.folder / "output"
+        self.kohya_naming = None  # set when the model is open: the kohya export names its layers
+        self.key_aliases = {}  # other names of the model's layers, for continuing foreign files
 
     @contextlib.contextmanager
     def open(self, job: TrainingJob, config: TrainConfig):
@@ -164,6 +167,7 @@ class ToyBackend:
             raise UserInputError("test: this rank was told to fail loading its model")  # fault-injection for tests
         net = ToyNetConfig(**reference.get("net", {}))
         denoiser = make_toy_denoiser(reference.get("prediction_type", "eps"), reference.get("seed", 0), net)
+        self.kohya_naming = KohyaNaming("toy", {name: name for name, _ in denoiser.module.named_modules() if name})
         yield denoiser, f"toy-{denoiser.prediction_type}"
 
 
@@ -180,10 +184,15 @@ class ComfyBackend:
         self.glue, self.job_glue = comfy_glue, job_glue
         self.lora_root = args.output_dir or comfy_glue.lora_root()
         self.output_dir = args.output_dir or comfy_glue.output_directory()
+        self.kohya_naming = None  # set when the model is open: the kohya export names its layers
+        self.key_aliases = {}  # other names of the model's layers, for continuing foreign files
 
     @contextlib.contextmanager
     def open(self, job: TrainingJob, config: TrainConfig):
         model = self.job_glue.load_model(job.model, job.folder)
+        self.glue.check_trainable(model)  # as Train LoRA: a family it cannot train is named first
+        self.kohya_naming = self.glue.kohya_naming(model)
+        self.key_aliases = self.glue.lora_key_aliases(model)
         check = self.glue.low_vram_check(model, config, bool(job.settings.get("quantized_backward", False)))
         with self.glue.training_session(model, config.offloading, check.fp8_backward) as denoiser:
             yield denoiser, self.glue.base_model_name(model)
@@ -310,7 +319,8 @@ class RunRecord:
 
     def write_final(self, result: TrainResult) -> tuple[Path, Path]:
         full = self.result(result.adapter_set, result.total_steps, result.optimizer_state)
-        lora = lora_output(full, self.job.config, self.settings(), self.base_model, self.prediction_type)
+        lora = lora_output(full, self.job.config, self.settings(), self.base_model, self.prediction_type,
+                           self.backend.kohya_naming)
         output = self.job.output
         path = write_lora_file(Path(self.backend.lora_root), lora, output["lora_prefix"], full.total_steps,
                                bool(output.get("kohya_export")))
@@ -367,7 +377,7 @@ def _run(args: argparse.Namespace, replica: DataParallel | None, main: bool, sto
         resume = None
         if start["file"] is not None:
             resume = resume_point(start["tensors"], start["metadata"], denoiser, config, start["file"],
-                                  start["optimizer_state"], start["optimizer"])
+                                  start["optimizer_state"], start["optimizer"], backend.key_aliases)
         done = resume.steps_done if resume is not None else 0
         target = start["target_steps"]
         if done >= target:

@@ -17,7 +17,14 @@ from ..lora_core.lorafile import files
 from ..lora_core.adapters.adapter_set import AdapterSet
 from ..lora_core.adapters.attach import attach_bypass
 from ..lora_core.errors import UserInputError
-from ..lora_core.lorafile.keys import INTERNAL_PREFIX, to_internal
+from ..lora_core.lorafile.keys import (
+    INTERNAL_PREFIX,
+    ModelKeys,
+    adapter_set_from_tensors,
+    lycoris_oft_to_comfy,
+    read_keys,
+    split_text_encoder,
+)
 from ..lora_core.lorafile.lora_model import LoraModel, as_lora_model
 from . import comfy_glue as glue
 from .outputs import (algorithm_of, alpha_of, file_metadata, loss_series, rank_of,  # noqa: F401 (re-exported)
@@ -30,9 +37,6 @@ PREFIX = "LoRATrainer_"
 LORA_MODEL = io.Custom("LORA_MODEL")
 LOSS_MAP = io.Custom("LOSS_MAP")
 
-# Keys of the text-encoder part of kohya / diffusers files: Load LoRA Model applies to the
-# diffusion model only (as ComfyUI's "Load LoRA Model" does).
-_TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te1.", "te2.", "lora_te1_", "lora_te2_")
 
 
 # ---- writing files -------------------------------------------------------------------------------
@@ -64,22 +68,34 @@ def read_lora_file(name: str) -> tuple[dict, dict]:
 
 def diffusion_part(tensors: dict, where: str) -> dict:
     """The file's tensors minus text-encoder keys (logged), which a model-only loader skips."""
-    kept = {k: v for k, v in tensors.items() if not k.startswith(_TEXT_ENCODER_PREFIXES)}
-    dropped = len(tensors) - len(kept)
+    kept, dropped = split_text_encoder(tensors)
     if dropped:
-        log.warning("[LoRA Trainer] %s: %d text-encoder tensors are not applied (model only).", where, dropped)
+        log.warning("[LoRA Trainer] %s: %d text-encoder tensors are not applied (model only).", where, len(dropped))
     if not kept:
         raise UserInputError(f"{where} holds no diffusion-model tensors (only text-encoder ones): pick a LoRA "
                              f"for the diffusion model.")
     return kept
 
 
+def merged_keys(model, tensors: dict, metadata: dict | None, where: str) -> dict:
+    """The tensors for ComfyUI's merging loader, under names it maps: read as bypass reads them (more
+    naming schemes than ComfyUI's table, PEFT alpha from the adapter metadata, LyCORIS OFT constraints
+    converted), so both modes apply the same weights. A file our reader refuses (DoRA, Tucker...,
+    which ComfyUI can merge) goes to ComfyUI as it is, and ComfyUI reports what it cannot place."""
+    try:
+        keys = ModelKeys.of(model.model.diffusion_model, glue.lora_key_aliases(model))
+        return read_keys(tensors, metadata, keys, INTERNAL_PREFIX, where).tensors
+    except UserInputError as reason:
+        log.info("[LoRA Trainer] %s: merged by ComfyUI's loader as it is (%s)", where, reason)
+        return lycoris_oft_to_comfy(tensors, metadata or {})
+
+
 def adapter_set_for(model, tensors: dict, metadata: dict | None, where: str) -> AdapterSet:
-    """An AdapterSet on `model`'s diffusion model from internal, kohya, LyCORIS or PEFT keys."""
+    """An AdapterSet on `model`'s diffusion model from internal, kohya, LyCORIS or PEFT keys
+    (any name ComfyUI's key tables know, slices of fused layers included)."""
     tensors = diffusion_part(tensors, where)
-    if not all(k.startswith(INTERNAL_PREFIX) for k in tensors):
-        tensors = to_internal(tensors, metadata, module_names=glue.diffusion_module_names(model), source=where)
-    return AdapterSet.from_state_dict(tensors, model=model.model.diffusion_model, prefix=INTERNAL_PREFIX)
+    return adapter_set_from_tensors(tensors, metadata, model.model.diffusion_model, INTERNAL_PREFIX,
+                                    glue.lora_key_aliases(model), where)
 
 
 # ---- nodes ---------------------------------------------------------------------------------------
@@ -104,8 +120,10 @@ class SaveLoRAWeights(io.ComfyNode):
                              tooltip="Total steps for the file name; connect Train LoRA's 'steps'. Not connected: "
                                      "taken from the LoRA's metadata."),
                 io.Boolean.Input("kohya_export", default=False,
-                                 tooltip="Also write a copy with kohya-ss key names (<name>_kohya.safetensors) for "
-                                         "A1111 / Forge and other UIs. ComfyUI reads either."),
+                                 tooltip="Also write a copy with the key names kohya-ss / musubi-tuner give this model "
+                                         "family (<name>_kohya.safetensors), for A1111 / Forge, kohya-ss, LyCORIS and "
+                                         "diffusers. ComfyUI reads either. Families without confirmed kohya-ss names "
+                                         "(see README) stop with a message."),
             ],
             outputs=[io.String.Output(display_name="filename", tooltip="The file name as the loras list shows it.")],
         )
@@ -161,7 +179,8 @@ class LoadLoRAModel(io.ComfyNode):
     def execute(cls, model, strength, bypass, lora=None, lora_name=glue.NO_LORA) -> io.NodeOutput:
         sources: list[tuple[dict, dict | None, str]] = []
         if lora is not None:
-            sources.append((dict(as_lora_model(lora)), None, "The connected lora"))
+            lora = as_lora_model(lora)
+            sources.append((dict(lora), lora.metadata, "The connected lora"))
         if lora_name and lora_name != glue.NO_LORA:
             tensors, metadata = read_lora_file(lora_name)
             sources.append((tensors, metadata, f"loras/{lora_name}"))
@@ -175,7 +194,8 @@ class LoadLoRAModel(io.ComfyNode):
                 adapter_set = adapter_set_for(model, tensors, metadata, where)
                 model = glue.apply_bypass(model, _bypass_attacher(adapter_set, strength))
             else:
-                model = glue.apply_merged(model, tensors, strength)
+                model = glue.apply_merged(model, merged_keys(model, diffusion_part(tensors, where), metadata, where),
+                                          strength)
         return io.NodeOutput(model)
 
 

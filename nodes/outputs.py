@@ -20,6 +20,7 @@ from ..lora_core.atomic import write_bytes_atomically
 from ..lora_core.data.paths import is_inside, resolve_inside
 from ..lora_core.errors import UserInputError
 from ..lora_core.lorafile import files, resume
+from ..lora_core.lorafile.keys import INTERNAL_PREFIX
 from ..lora_core.lorafile.lora_model import LoraModel
 from ..lora_core.plotting import loss_chart_png
 from ..lora_core.training.loop import TrainConfig, TrainResult
@@ -32,9 +33,9 @@ NODE_ONLY_SETTINGS = ("lora_dtype", "quantized_backward", "bucket_mode", "existi
 
 # ---- the LORA_MODEL a run produces ----------------------------------------------------------------
 def lora_output(result: TrainResult, config: TrainConfig, v: dict, base_model: str,
-                prediction_type: str) -> LoraModel:
+                prediction_type: str, kohya_naming=None) -> LoraModel:
     """The LORA_MODEL: ComfyUI-internal tensors in lora_dtype (alphas stay float32), metadata,
-    optimizer state."""
+    optimizer state, and how kohya-ss names the model's layers (for the kohya export)."""
     dtype = LORA_DTYPES[v["lora_dtype"]]
     tensors = {
         key: tensor if key.endswith(".alpha") or not tensor.is_floating_point() else tensor.to(dtype)
@@ -47,7 +48,7 @@ def lora_output(result: TrainResult, config: TrainConfig, v: dict, base_model: s
         "loss_summary": loss_summary(result.loss),
         "stopped_early": str(result.stopped_early).lower(),
     })
-    return LoraModel({k: t.detach().cpu() for k, t in tensors.items()}, metadata, result.optimizer_state)
+    return LoraModel({k: t.detach().cpu() for k, t in tensors.items()}, metadata, result.optimizer_state, kohya_naming)
 
 
 # ---- LoRA files ---------------------------------------------------------------------------------
@@ -105,7 +106,16 @@ def prefix_folder(root: Path, prefix: str) -> tuple[Path, str]:
 
 def write_lora_file(root: Path, lora: LoraModel, prefix: str, steps: int | None, kohya_export: bool = False) -> Path:
     """Write `lora` to <root>/<prefix>[_<steps>_steps]_<NNNNN>_.safetensors (never overwriting),
-    its optimizer state beside it when it has one, and a kohya-named copy on request."""
+    its optimizer state beside it when it has one, and a kohya-named copy on request (named for
+    the model it was trained on, which our Train LoRA records in the LORA_MODEL)."""
+    metadata = file_metadata(lora, steps)
+    kohya = None
+    if kohya_export:  # before anything is written: a LoRA kohya-ss cannot name stops here
+        if lora.kohya_naming is None:
+            raise UserInputError("kohya_export needs the layer names of the model the LoRA was trained on, which only "
+                                 "our Train LoRA records: turn kohya_export off for this LoRA, or continue it in our "
+                                 "Train LoRA (existing_lora) and export that.")
+        kohya = files.kohya_contents(lora.tensors(), metadata, INTERNAL_PREFIX, lora.kohya_naming)
     folder, name = prefix_folder(root, prefix)
     folder.mkdir(parents=True, exist_ok=True)
     counter = next_counter(name, os.listdir(folder))
@@ -113,13 +123,11 @@ def write_lora_file(root: Path, lora: LoraModel, prefix: str, steps: int | None,
     while path.exists():
         counter += 1
         path = folder / lora_file_name(name, steps, counter)
-    metadata = file_metadata(lora, steps)
     files.save_lora(path, lora.tensors(), metadata)
     if lora.optimizer_state is not None:
         save_optimizer_state(path, lora)
-    if kohya_export:
-        kohya_path = path.with_name(path.stem.rstrip("_") + "_kohya.safetensors")
-        files.save_kohya_lora(kohya_path, lora.tensors(), metadata)
+    if kohya is not None:
+        files.save_lora(path.with_name(path.stem.rstrip("_") + "_kohya.safetensors"), *kohya)
     return path
 
 

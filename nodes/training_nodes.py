@@ -221,7 +221,7 @@ def run_training(model, data: TrainingData, config: TrainConfig, v: dict) -> io.
         except NonFiniteLoss as stop:
             path = checkpoints.write_result(stop.result)
             raise UserInputError(f"{stop} Last good weights: loras/{path}.") from stop
-        lora = lora_output(result, config, v, base_model, denoiser.prediction_type)
+        lora = lora_output(result, config, v, base_model, denoiser.prediction_type, glue.kohya_naming(model))
     if result.stopped_early:
         path = checkpoints.write(lora, result.total_steps)
         log.info("[LoRA Trainer] cancelled at step %d; checkpoint %s", result.total_steps, path)
@@ -236,7 +236,8 @@ def _chart(history: list[float]) -> Image.Image:
 def load_resume(name: str, denoiser, config: TrainConfig):
     if not name or name == glue.NO_LORA:
         return None
-    return resume.resume_from_file(glue.lora_path(name), denoiser, config)
+    aliases = glue.lora_key_aliases(denoiser.patcher)
+    return resume.resume_from_file(glue.lora_path(name), denoiser, config, aliases)
 
 
 class CheckpointWriter:

@@ -86,7 +86,9 @@ def training_setting_inputs() -> list:
         io.Int.Input("lokr_factor", default=-1, min=-1, max=256,
                      tooltip="LoKr: Kronecker factor of the first dimension (-1 = balanced)."),
         io.Int.Input("oft_block_size", default=32, min=2, max=1024,
-                     tooltip="OFT: size of the orthogonal blocks (32 usual)."),
+                     tooltip="OFT block size as LyCORIS' dim and ComfyUI's trainer rank mean it: each layer's output "
+                             "channels split by factorization(channels, this), the smaller factor being the block "
+                             "size (32: 1280 channels in 40 blocks of 32, 320 in 20 blocks of 16)."),
         io.Combo.Input("lora_dtype", options=list(LORA_DTYPES), default="bf16",
                        tooltip="Dtype of the output LoRA tensors (training itself keeps float32 weights). bf16 "
                                "halves the file; fp32 keeps every bit."),

@@ -14,7 +14,7 @@ from lora_core.adapters import (
     AdapterSpec,
     LoHa,
     adapter_from_tensors,
-    block_size_for,
+    block_layout,
     create_adapter,
     factorization,
 )
@@ -143,7 +143,7 @@ def test_loha_dense_and_factored_bypass_agree():
 
 
 def test_grouped_conv_bypass_matches_merge():
-    layer = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+    layer = nn.Conv2d(8, 16, 3, padding=1, groups=4)  # 4 channels per group: OFT blocks of 2
     x = torch.randn(2, 8, 6, 6)
     for algorithm in ALGORITHMS:
         adapter = randomized(create_adapter(spec_for(algorithm), layer, torch.Generator().manual_seed(0)))
@@ -256,12 +256,18 @@ def test_factorization_matches_comfyui():
     assert factorization(512, 8) == (8, 64)
 
 
-def test_oft_block_size_is_largest_divisor_or_clear_error():
-    assert block_size_for(320, 32) == 32
-    assert block_size_for(96, 64) == 48
-    assert block_size_for(3072 * 3, 32) == 32
+def test_oft_layout_is_factorization_like_comfyui_trainer_and_lycoris():
+    # (block count, block size) = factorization(out, oft_block_size) read as (size, count), as
+    # ComfyUI's trainer (`factorization(out_dim, rank)`) and LyCORIS diag-oft do.
+    assert block_layout(1280, 32) == (40, 32)
+    assert block_layout(640, 32) == (32, 20)
+    assert block_layout(320, 32) == (20, 16)
+    assert block_layout(3072 * 3, 32) == (288, 32)
+    for out in (4, 320, 640, 1280, 3072, 9216):  # LyCORIS rebuilds the layout from the block size
+        count, size = block_layout(out, 32)
+        assert size <= count and factorization(out, size) == (size, count)
     with pytest.raises(UserInputError, match="oft_block_size"):
-        block_size_for(13, 8)
+        block_layout(13, 8)
 
 
 def test_oft_constraint_limits_rotation():

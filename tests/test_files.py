@@ -201,3 +201,116 @@ def test_unknown_names_are_user_errors():
         to_internal({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(1)}, {}, names)
     with pytest.raises(UserInputError, match="text_encoder"):
         to_internal({"text_encoder.something.weight": torch.zeros(1)}, {}, names)
+
+
+# ---- names of other tools (issue 17) ------------------------------------------------------------
+from lora_core.adapters.attach import attach_bypass, attach_merged  # noqa: E402
+from lora_core.adapters.sliced import Slice, SlicedAdapter  # noqa: E402
+from lora_core.lorafile.files import kohya_contents  # noqa: E402
+from lora_core.lorafile.keys import KohyaNaming, adapter_set_from_tensors, lycoris_oft_to_comfy  # noqa: E402
+
+
+class FusedBlock(nn.Module):
+    """Flux-style attention: one qkv Linear where diffusers has to_q / to_k / to_v."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(q * k.sigmoid() + v)
+
+
+FUSED_ALIASES = {f"transformer.blocks.0.attn.to_{p}": Slice("qkv", 8 * i, 8) for i, p in enumerate("qkv")}
+FUSED_ALIASES["transformer.blocks.0.attn.to_out.0"] = "proj"
+
+
+def diffusers_file(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name in FUSED_ALIASES:
+        state[f"{name}.lora_A.weight"] = torch.randn(2, 8, generator=generator)
+        state[f"{name}.lora_B.weight"] = torch.randn(8, 2, generator=generator)
+    return state
+
+
+def test_fused_qkv_slices_merge_and_bypass_like_comfyui():
+    torch.manual_seed(0)
+    model = FusedBlock()
+    state = diffusers_file()
+    adapter_set = adapter_set_from_tensors(state, {"lora_alpha": "4"}, model, aliases=FUSED_ALIASES)
+    adapters = dict(adapter_set.adapter_items())
+    assert set(adapters) == {"qkv", "proj"} and isinstance(adapters["qkv"], SlicedAdapter)
+    # ComfyUI's loader: each to_q/k/v patch lands in its rows of qkv, scale alpha / rank = 2
+    expected = torch.cat([2.0 * state[f"transformer.blocks.0.attn.to_{p}.lora_B.weight"]
+                          @ state[f"transformer.blocks.0.attn.to_{p}.lora_A.weight"] for p in "qkv"])
+    torch.testing.assert_close(adapters["qkv"].delta_weight(model.qkv.weight), expected)
+    x = torch.randn(3, 8)
+    with attach_merged(model, adapter_set, strength=0.7):
+        merged = model(x)
+    with attach_bypass(model, adapter_set, strength=0.7):
+        bypass = model(x)
+    torch.testing.assert_close(bypass, merged, rtol=1e-5, atol=1e-6)
+    # Written back under the names that say which slice, and read again to the same adapters
+    written = adapter_set.to_state_dict()
+    assert "transformer.blocks.0.attn.to_k.lora_up.weight" in written and "diffusion_model.proj.lora_up.weight" in written
+    again = adapter_set_from_tensors(written, {}, model, aliases=FUSED_ALIASES)
+    torch.testing.assert_close(dict(again.adapter_items())["qkv"].delta_weight(model.qkv.weight), expected)
+    with pytest.raises(UserInputError, match="slices of fused layers"):
+        kohya_contents(written)
+
+
+def test_fused_slices_train_in_bypass():
+    torch.manual_seed(0)
+    model = FusedBlock().requires_grad_(False)
+    adapter_set = adapter_set_from_tensors(diffusers_file(), {}, model, aliases=FUSED_ALIASES)
+    with attach_bypass(model, adapter_set):
+        model(torch.randn(3, 8)).square().sum().backward()
+    sliced = dict(adapter_set.adapter_items())["qkv"]
+    assert all(part.down.grad is not None and part.down.grad.abs().sum() > 0 for part in sliced.parts)
+
+
+def test_keys_matching_no_layer_name_the_model_they_seem_for():
+    model = tiny_model()
+    names = [name for name, _ in model.named_modules() if name]
+    sd1 = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 768)}
+    with pytest.raises(UserInputError, match=r"attn2_to_k.*SD1\.x \(diffusers / kohya-ss SD1\.x block names\)"):
+        to_internal(sd1, {}, names)
+    flux = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 3072)}
+    with pytest.raises(UserInputError, match="made for Flux"):
+        to_internal(flux, {}, names)
+    wan = {"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 8)}
+    with pytest.raises(UserInputError, match="made for Wan"):
+        to_internal(wan, {}, names)
+
+
+def test_kohya_export_uses_the_family_names_and_fields():
+    model = tiny_model()
+    state = trained_set(model, "lora").to_state_dict()
+    names = {name: name.replace("transformer_blocks.0", "down_blocks.0.attentions.0.transformer_blocks.0")
+             for name, _ in model.named_modules() if name}
+    naming = KohyaNaming("SD1.x", names, {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
+    tensors, header = kohya_contents(state, lora_metadata("lora", 2, 4.0, "all", 3), naming=naming)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight" in tensors
+    assert header["ss_base_model_version"] == "sd_v1" and header["ss_network_module"] == "networks.lora"
+    _, lycoris_header = kohya_contents(trained_set(model, "loha").to_state_dict(), lora_metadata("loha", 2, 4.0, "all", 3),
+                                       naming=naming)
+    assert lycoris_header["ss_network_module"] == "lycoris.kohya"  # LyCORIS algorithms load through lycoris.kohya
+    with pytest.raises(UserInputError, match="No kohya-ss export for Lumina2: not confirmed"):
+        kohya_contents(state, naming=KohyaNaming("Lumina2", None, reason="not confirmed."))
+    with pytest.raises(UserInputError, match="kohya-ss has no name for layers proj_in"):
+        kohya_contents(state, naming=KohyaNaming("SD1.x", {k: v for k, v in names.items() if k != "proj_in"}))
+
+
+def test_lycoris_oft_constraint_is_converted_and_ours_is_kept():
+    blocks = torch.randn(4, 2, 2)
+    lycoris = {"lycoris_proj.oft_blocks": blocks, "lycoris_proj.alpha": torch.tensor(0.01)}
+    assert float(lycoris_oft_to_comfy(lycoris, {})["lycoris_proj.alpha"]) == pytest.approx(0.08)
+    kohya_run = {"lora_unet_proj.oft_blocks": blocks, "lora_unet_proj.alpha": torch.tensor(0.01)}
+    converted = lycoris_oft_to_comfy(kohya_run, {"ss_network_module": "lycoris.kohya"})
+    assert float(converted["lora_unet_proj.alpha"]) == pytest.approx(0.08)
+    ours = lora_metadata("oft", 2, 0.01, "all", 3)  # our files record ComfyUI's meaning
+    assert float(lycoris_oft_to_comfy(kohya_run, {**ours, "ss_network_module": "lycoris.kohya"})["lora_unet_proj.alpha"]) == pytest.approx(0.01)
+    assert float(lycoris_oft_to_comfy(kohya_run, {"lora_trainer.format_version": "1"})["lora_unet_proj.alpha"]) == pytest.approx(0.01)

@@ -16,7 +16,7 @@ from .geometry import LayerGeometry, adaptable, conv_dims, linear_like
 from .loha import LoHa
 from .lokr import LoKr, factorization
 from .lora import LoRA
-from .oft import OFT, block_size_for
+from .oft import OFT, block_layout
 from .spec import ALGORITHMS, AdapterSpec
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
     "adaptable",
     "adapter_from_tensors",
     "algorithm_of",
-    "block_size_for",
+    "block_layout",
     "conv_dims",
     "create_adapter",
     "factorization",

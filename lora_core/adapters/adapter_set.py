@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import (
+    LayerGeometry,
     SUFFIXES,
     UNSUPPORTED_SUFFIXES,
     Adapter,
@@ -21,6 +22,7 @@ from . import (
     create_adapter,
 )
 from ..errors import UserInputError
+from .sliced import Slice, SlicedAdapter
 from .targets import TargetSpec, find_norms, find_targets
 
 WEIGHT_DIFF = "diff"
@@ -133,6 +135,11 @@ class AdapterSet(nn.Module):
         later training does not change a state dict already handed out."""
         state = {}
         for name, adapter in self.adapter_items():
+            if isinstance(adapter, SlicedAdapter):  # parts keep the names that say which slice
+                for source, _, part in adapter.part_items():
+                    for suffix, tensor in part.file_tensors().items():
+                        state[f"{source}.{suffix}"] = tensor.detach().clone()
+                continue
             for suffix, tensor in adapter.file_tensors().items():
                 state[f"{prefix}{name}.{suffix}"] = tensor.detach().clone()
         for name, diff in self.weight_diff_items():
@@ -143,12 +150,22 @@ class AdapterSet(nn.Module):
 
     @classmethod
     def from_state_dict(
-        cls, state_dict: dict[str, torch.Tensor], model: nn.Module | None = None, prefix: str = "diffusion_model."
+        cls,
+        state_dict: dict[str, torch.Tensor],
+        model: nn.Module | None = None,
+        prefix: str = "diffusion_model.",
+        slices: dict[str, Slice] | None = None,
     ) -> "AdapterSet":
         """Rebuild from ComfyUI-internal keys (use `files.to_internal` first for other formats).
-        With a model, every module must exist and fit, and tensors move to its device."""
+        `slices` names the unprefixed modules that are slices of a fused layer (source name ->
+        Slice). With a model, every module must exist and fit, and tensors move to its device."""
         grouped: dict[str, dict[str, torch.Tensor]] = {}
+        sliced: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state_dict.items():
+            parts = split_key(key)
+            if slices and parts is not None and parts[0] in slices:
+                sliced.setdefault(parts[0], {})[parts[1]] = tensor
+                continue
             if not key.startswith(prefix):
                 raise UserInputError(
                     f"LoRA key '{key}' does not start with '{prefix}'. Convert foreign files with "
@@ -173,7 +190,38 @@ class AdapterSet(nn.Module):
                 bias_diffs[name] = _checked_diff(tensors.pop(BIAS_DIFF), layer, "bias", name).to(device)
             if set(tensors) - {"alpha"}:
                 adapters[name] = adapter_from_tensors(tensors, layer, name).to(device=device)
+        for name, adapter in _sliced_adapters(sliced, slices or {}, model).items():
+            if name in adapters:
+                raise UserInputError(
+                    f"The LoRA has tensors for all of layer '{name}' and also for slices of it "
+                    f"({', '.join(adapter.source_names)}). Use one or the other."
+                )
+            adapters[name] = adapter
         return cls(adapters, weight_diffs, bias_diffs)
+
+
+def _sliced_adapters(
+    sliced: dict[str, dict[str, torch.Tensor]], slices: dict[str, Slice], model: nn.Module | None
+) -> dict[str, SlicedAdapter]:
+    """One SlicedAdapter per fused layer from its parts' tensors, checked against the layer."""
+    by_layer: dict[str, list] = {}
+    for source, tensors in sliced.items():
+        where = slices[source]
+        by_layer.setdefault(where.module, []).append((source, where, adapter_from_tensors(tensors, None, source)))
+    result = {}
+    for name, parts in by_layer.items():
+        adapter = SlicedAdapter(parts)
+        if model is not None:
+            layer = find_module(model, name)
+            geometry = LayerGeometry.of(layer, name)
+            if not adapter.fits(geometry):
+                raise UserInputError(
+                    f"The LoRA's tensors for slices of layer '{name}' ({adapter.extra_repr()}) do not fit its "
+                    f"weight of shape {tuple(geometry.weight_shape)}. The LoRA was made for a different model."
+                )
+            adapter = adapter.to(device=_device_of(layer))
+        result[name] = adapter
+    return result
 
 
 def _parameter(tensor: torch.Tensor) -> nn.Parameter:

@@ -6,6 +6,10 @@ alpha, Q is scaled to norm alpha; R = (I + Q)(I - Q)^-1; the merged weight of bl
 einsum("k n m, k n ... -> k m ...", R, W_k), and strength s blends R with I. The bias is not
 rotated, so the bypass rotates (base_out - bias) and leaves the bias as it was.
 
+The constraint means what ComfyUI's loader makes of a file's `alpha`: ||Q|| <= alpha. LyCORIS
+reads the same number as ||Q|| <= alpha * out_channels; `lorafile.keys` converts LyCORIS files on
+reading and our files record the convention in their metadata.
+
 We compute R - I = 2 Q (I - Q)^-1 rather than R and then subtract I: it is exactly zero for a
 fresh adapter (an exact identity in both modes) and loses no digits when Q is small.
 """
@@ -18,20 +22,24 @@ from torch import nn
 from ..errors import UserInputError
 from .base import Adapter, scalar
 from .geometry import LayerGeometry
+from .lokr import factorization
 
 
-def block_size_for(out_channels: int, wanted: int, where: str = "") -> int:
-    """The largest divisor of out_channels that is at most the wanted block size."""
-    size = min(wanted, out_channels)
-    while out_channels % size != 0:
-        size -= 1
+def block_layout(out_channels: int, factor: int, where: str = "") -> tuple[int, int]:
+    """(block count, block size) for out_channels, the way LyCORIS and ComfyUI's trainer lay
+    OFT out: `block_size, block_count = factorization(out_channels, factor)` with the user's
+    oft_block_size as the factor (their `dim` / `rank`). The block size is the smaller factor, so
+    it never exceeds the block count; LyCORIS rebuilds exactly this layout from a file's block
+    size, which is what lets it load our files."""
+    size, count = factorization(out_channels, factor)
     if size < 2:
         place = f" of layer '{where}'" if where else ""
         raise UserInputError(
-            f"OFT cannot split the {out_channels} output channels{place} into blocks of 2 to "
-            f"{wanted} channels. Exclude this layer from the targets or change oft_block_size."
+            f"OFT cannot split the {out_channels} output channels{place} into blocks: {out_channels} "
+            f"has no factor pair near oft_block_size {factor}. Exclude this layer from the targets "
+            "or change oft_block_size."
         )
-    return size
+    return count, size
 
 
 class OFT(Adapter):
@@ -45,8 +53,8 @@ class OFT(Adapter):
     def create(cls, geometry: LayerGeometry, block_size: int, alpha: float, dtype: torch.dtype, device: torch.device, where: str = "") -> "OFT":
         # Blocks must not straddle conv groups: rotating the weights of another group's output
         # channel would no longer equal rotating the layer's output.
-        size = block_size_for(geometry.out_channels // geometry.groups, block_size, where)
-        blocks = torch.zeros((geometry.out_channels // size, size, size), dtype=dtype, device=device)
+        count, size = block_layout(geometry.out_channels // geometry.groups, block_size, where)
+        blocks = torch.zeros((count * geometry.groups, size, size), dtype=dtype, device=device)
         return cls(blocks, alpha)
 
     @classmethod

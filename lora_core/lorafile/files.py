@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save
 
 from ..atomic import write_bytes_atomically
 from ..errors import UserInputError
-from .keys import INTERNAL_PREFIX, to_internal, to_kohya
+from .keys import INTERNAL_PREFIX, OFT_CONSTRAINT_COMFY, OFT_CONSTRAINT_KEY, KohyaNaming, to_internal, to_kohya
 
-__all__ = ["FORMAT_VERSION", "load_lora", "lora_metadata", "save_kohya_lora", "save_lora", "to_internal", "to_kohya"]
+__all__ = ["FORMAT_VERSION", "kohya_contents", "load_lora", "lora_metadata", "save_kohya_lora", "save_lora", "to_internal", "to_kohya"]
 
 FORMAT_VERSION = "1"
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own cap on header size
@@ -55,6 +55,8 @@ def lora_metadata(
     }
     if algorithm != "lora":  # LyCORIS' names for the algorithm
         metadata["ss_network_args"] = json.dumps({"algo": "diag-oft" if algorithm == "oft" else algorithm})
+    if algorithm == "oft":  # LyCORIS reads the same alpha as a bound of alpha * out_channels
+        metadata[OFT_CONSTRAINT_KEY] = OFT_CONSTRAINT_COMFY
     for key, value in (extra or {}).items():
         metadata[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return metadata
@@ -140,6 +142,36 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
-def save_kohya_lora(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: dict | None = None, prefix: str = INTERNAL_PREFIX) -> Path:
-    """The export variant with kohya-ss names (`lora_unet_...`), for other UIs."""
-    return save_lora(path, to_kohya(state_dict, prefix), metadata)
+def kohya_contents(
+    state_dict: dict[str, torch.Tensor],
+    metadata: dict | None = None,
+    prefix: str = INTERNAL_PREFIX,
+    naming: KohyaNaming | None = None,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of the kohya-ss export: kohya-ss names and the `ss_*` fields those
+    tools write for the family. `naming` None: our module names as they are (models we do not
+    know the family of); a family without confirmed kohya-ss names gets a message, not a guess."""
+    if naming is not None and naming.names is None:
+        raise UserInputError(
+            f"No kohya-ss export for {naming.family}: {naming.reason} Save without kohya_export; ComfyUI "
+            "reads the default file."
+        )
+    tensors = to_kohya(state_dict, prefix, naming.names if naming is not None else None)
+    header = dict(metadata or {})
+    if naming is not None:
+        fields = dict(naming.metadata)
+        if header.get("algorithm", "lora") != "lora":  # LyCORIS algorithms load through lycoris.kohya
+            fields.pop("ss_network_module", None)
+        header.update(fields)
+    return tensors, header
+
+
+def save_kohya_lora(
+    path: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    metadata: dict | None = None,
+    prefix: str = INTERNAL_PREFIX,
+    naming: KohyaNaming | None = None,
+) -> Path:
+    """The export with kohya-ss names for other tools (A1111/Forge, kohya-ss, LyCORIS, diffusers)."""
+    return save_lora(path, *kohya_contents(state_dict, metadata, prefix, naming))

@@ -3,7 +3,8 @@
 ComfyUI's own nodes (Save LoRA, Load LoRA Model) treat LORA_MODEL as `dict[str, Tensor]` keyed
 with ComfyUI-internal names (`diffusion_model.<module>.lora_up.weight`, `<module>.alpha`,
 `<module>.diff_b`...). `LoraModel` *is* such a dict, so core nodes take ours unchanged; what only
-our nodes need (file metadata, optimizer state for resume) rides along as instance attributes
+our nodes need (file metadata, optimizer state for resume, the kohya-ss names of the model's
+layers) rides along as instance attributes
 that core code never looks at. A core-made plain dict is accepted everywhere through
 `as_lora_model`.
 """
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import UserInputError
+from .keys import KohyaNaming
 
 
 class LoraModel(dict):
@@ -25,16 +27,20 @@ class LoraModel(dict):
     """Training facts for the file header: algorithm, rank, alpha, steps, base model, settings, loss."""
     optimizer_state: dict[str, Any] | None
     """Optimizer state for resuming (written as a sidecar file), or None."""
+    kohya_naming: KohyaNaming | None
+    """How kohya-ss names the trained model's layers (for Save LoRA Weights' kohya export), or None."""
 
     def __init__(
         self,
         tensors: Mapping[str, torch.Tensor] | None = None,
         metadata: Mapping[str, Any] | None = None,
         optimizer_state: dict[str, Any] | None = None,
+        kohya_naming: KohyaNaming | None = None,
     ):
         super().__init__(tensors or {})
         self.metadata = dict(metadata or {})
         self.optimizer_state = optimizer_state
+        self.kohya_naming = kohya_naming
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """A plain dict copy (what gets written to the file)."""
@@ -42,7 +48,7 @@ class LoraModel(dict):
 
     def __reduce__(self):
         # Keep the riders through pickling / deepcopy (ComfyUI caches may copy outputs).
-        return (type(self), (dict(self), self.metadata, self.optimizer_state))
+        return (type(self), (dict(self), self.metadata, self.optimizer_state, self.kohya_naming))
 
 
 def as_lora_model(value: Any, where: str = "lora") -> LoraModel:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -27,12 +28,15 @@ from ..training.denoiser import Denoiser
 from ..errors import UserInputError
 from ..atomic import write_bytes_atomically
 from .files import load_lora, lora_metadata, read_header, save_lora
-from .keys import to_internal
+from .keys import adapter_set_from_tensors, split_text_encoder
+from ..adapters.sliced import Slice, SlicedAdapter
 from ..training.optim import normalise_optimizer_name
 from ..training.loop import ResumePoint, TrainConfig
 
 # Safetensors content under an extension ComfyUI does not list, so the sidecar never shows up
 # as a LoRA in any loader.
+log = logging.getLogger(__name__)
+
 SIDECAR_SUFFIX = ".optim"
 SIDECAR_VERSION = "1"
 _STEPS_IN_NAME = re.compile(r"_(\d+)_steps_")
@@ -135,11 +139,14 @@ def resume_point(
     source: str,
     optimizer_state: dict | None = None,
     optimizer: str | None = None,
+    aliases: dict[str, str | Slice] | None = None,
 ) -> ResumePoint:
-    """Adapters, step count and optimizer state to continue from, checked against `config`."""
-    module_names = [name for name, _ in denoiser.module.named_modules() if name]
-    internal = to_internal(tensors, metadata, module_names, prefix=denoiser.key_prefix, source=source)
-    adapter_set = AdapterSet.from_state_dict(internal, denoiser.module, prefix=denoiser.key_prefix)
+    """Adapters, step count and optimizer state to continue from, checked against `config`.
+    `aliases`: other names of the model's layers (ComfyUI's key tables), for foreign files."""
+    tensors, text_encoder = split_text_encoder(tensors)
+    if text_encoder:
+        log.warning("%s: %d text-encoder tensors are not continued (the diffusion model trains alone).", source, len(text_encoder))
+    adapter_set = adapter_set_from_tensors(tensors, metadata, denoiser.module, denoiser.key_prefix, aliases, source)
     if len(adapter_set) == 0:
         raise UserInputError(f"{source} holds no LoRA tensors for this model: pick another file or start a new LoRA.")
     _check_adapters(adapter_set, config, source)
@@ -153,14 +160,16 @@ def resume_point(
     return ResumePoint(adapter_set, steps_done(metadata, Path(source).name), optimizer_state, source)
 
 
-def resume_from_file(path: str | Path, denoiser: Denoiser, config: TrainConfig) -> ResumePoint:
+def resume_from_file(
+    path: str | Path, denoiser: Denoiser, config: TrainConfig, aliases: dict[str, str | Slice] | None = None
+) -> ResumePoint:
     """`resume_point` for a LoRA file, with its optimizer sidecar when one lies beside it."""
     path = Path(path)
     tensors, metadata = load_lora(path)
     optimizer_state, optimizer = None, None
     if sidecar_path(path).is_file():
         optimizer_state, optimizer = load_optimizer_state(sidecar_path(path))
-    return resume_point(tensors, metadata, denoiser, config, str(path), optimizer_state, optimizer)
+    return resume_point(tensors, metadata, denoiser, config, str(path), optimizer_state, optimizer, aliases)
 
 
 def _check_adapters(adapter_set: AdapterSet, config: TrainConfig, source: str) -> None:
@@ -172,16 +181,39 @@ def _check_adapters(adapter_set: AdapterSet, config: TrainConfig, source: str) -
             f"{source} is a {found} adapter, but algorithm is set to {wanted.algorithm}. Set algorithm to "
             f"{found} to continue it, or choose no existing LoRA to start a new one."
         )
-    for name, adapter in adapter_set.adapter_items():
+    for name, adapter in _adapters_and_parts(adapter_set):
         rank = getattr(adapter, "rank", None)
         if wanted.algorithm in ("lora", "loha", "lokr") and rank is not None and rank != wanted.rank:
             raise UserInputError(
                 f"{source} has rank {rank} (layer '{name}'), but rank is set to {wanted.rank}. Set rank to "
                 f"{rank} to continue it, or choose no existing LoRA to start a new one."
             )
-        # Loose: files store alpha as float32, and ComfyUI's trainer lets alpha drift (0.999995).
-        if not math.isclose(adapter.alpha, wanted.alpha, rel_tol=1e-3):
+        if not _alpha_agrees(adapter, wanted.alpha):
             raise UserInputError(
                 f"{source} has alpha {adapter.alpha:g} (layer '{name}'), but alpha is set to {wanted.alpha:g}. "
                 f"Set alpha to {adapter.alpha:g} to continue it, or choose no existing LoRA to start a new one."
             )
+
+
+def _adapters_and_parts(adapter_set: AdapterSet) -> list[tuple[str, object]]:
+    """(name, adapter) for every adapter, with each slice of a fused layer as its own entry."""
+    items = []
+    for name, adapter in adapter_set.adapter_items():
+        if isinstance(adapter, SlicedAdapter):
+            items.extend((source, part) for source, _, part in adapter.part_items())
+        else:
+            items.append((name, adapter))
+    return items
+
+
+def _alpha_agrees(adapter, alpha: float) -> bool:
+    """Whether a loaded adapter's alpha is the configured one. Loose: files store alpha as float32,
+    and ComfyUI's trainer lets alpha drift (0.999995). LoKr without a low-rank factor has scale 1
+    whatever its alpha (LyCORIS writes its dim there). An OFT constraint read from a LyCORIS
+    file is alpha * out_channels in ComfyUI's terms, so either meaning agrees."""
+    if adapter.algorithm == "lokr" and adapter.rank is None:
+        return True
+    candidates = [alpha]
+    if adapter.algorithm == "oft":
+        candidates.append(alpha * adapter.block_count * adapter.block_size)
+    return any(math.isclose(adapter.alpha, value, rel_tol=1e-3) for value in candidates)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from comfy_server import CHECKPOINT
-from it_helpers import example_prompt, read_safetensors, saved_lora_name
+from it_helpers import example_prompt, node_id, read_safetensors, saved_lora_name, write_safetensors
 from it_images import write_images
 
 FOLDER = "it_lora_files"
@@ -69,7 +69,8 @@ def latents_of(comfy, result, prompt) -> dict:
 def test_core_lora_loader_matches_load_lora_model(comfy, trained):
     kohya = kohya_copy(comfy, trained)
     prompt = sampling_branches({"base": ("none", None), "core": ("core", trained), "merged": ("merged", trained),
-                                "bypass": ("bypass", trained), "core_kohya": ("core", kohya)})
+                                "bypass": ("bypass", trained), "core_kohya": ("core", kohya),
+                                "bypass_kohya": ("bypass", kohya)})
     result = comfy.run_ok(prompt)
     assert "lora key not loaded" not in result.log, result.log[-4000:]
     latents = latents_of(comfy, result, prompt)
@@ -79,6 +80,7 @@ def test_core_lora_loader_matches_load_lora_model(comfy, trained):
     np.testing.assert_allclose(latents["merged"], latents["core"], atol=1e-4 * max(scale, 1.0), rtol=1e-4)
     np.testing.assert_allclose(latents["core_kohya"], latents["core"], atol=1e-4 * max(scale, 1.0), rtol=1e-4)
     np.testing.assert_allclose(latents["bypass"], latents["core"], atol=1e-3 * max(scale, 1.0), rtol=1e-3)
+    np.testing.assert_allclose(latents["bypass_kohya"], latents["core"], atol=1e-3 * max(scale, 1.0), rtol=1e-3)
 
 
 def test_file_keys_are_comfyui_internal_names(comfy, trained):
@@ -122,3 +124,61 @@ def test_loha_lokr_oft_files_load_in_core_lora_loader(comfy):
         assert np.abs(core - latents["base"]).max() > 0, f"{algorithm}: core loader applied nothing"
         np.testing.assert_allclose(ours, core, atol=1e-3 * max(np.abs(core).mean(), 1.0), rtol=1e-3,
                                    err_msg=algorithm)
+
+
+# The names kohya-ss sd-scripts gives SD1.x layers (its UNet is named like diffusers'), for layers of the
+# test model (channel_mult [1, 2]; attention in down level 0 and, in diffusers numbering, up level 0): checked against diffusers'
+# UNet2DConditionModel in tests/test_interop_libraries.py.
+SD_SCRIPTS_SD15_NAMES = [
+    "lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj", "lora_unet_down_blocks_0_resnets_0_conv1",
+    "lora_unet_down_blocks_0_downsamplers_0_conv", "lora_unet_up_blocks_0_attentions_1_proj_out",
+    "lora_unet_up_blocks_0_upsamplers_0_conv", "lora_unet_mid_block_resnets_0_conv2", "lora_unet_conv_in",
+    "lora_unet_time_embedding_linear_1",
+]
+
+
+def test_kohya_export_uses_sd_scripts_sd15_names_and_fields(comfy, trained):
+    tensors, metadata = read_safetensors(comfy.models_dir / "loras" / kohya_copy(comfy, trained))
+    modules = {k.split(".")[0] for k in tensors}
+    assert set(SD_SCRIPTS_SD15_NAMES) <= modules, sorted(set(SD_SCRIPTS_SD15_NAMES) - modules)
+    ldm = [m for m in modules if any(w in m for w in ("input_blocks", "output_blocks", "middle_block"))]
+    assert not ldm, f"LDM names in the kohya export: {ldm[:5]}"
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_network_module"] == "networks.lora"
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "4.0"
+
+
+def test_sd_scripts_named_sd15_file_continues_training_and_loads_in_every_mode(comfy, trained):
+    """A file as sd-scripts writes an SD1.5 LoRA (networks.lora: attention modules with diffusers block
+    names, text-encoder modules, ss_* metadata) continues in Train LoRA and samples alike in core's
+    LoraLoader and in Load LoRA Model merged and bypass."""
+    kohya, _ = read_safetensors(comfy.models_dir / "loras" / kohya_copy(comfy, trained))
+    state = {k: v for k, v in kohya.items() if "_attentions_" in k}
+    rng = np.random.default_rng(0)
+    te = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    state.update({f"{te}.lora_down.weight": rng.standard_normal((4, 768)).astype(np.float32),
+                  f"{te}.lora_up.weight": np.zeros((3072, 4), np.float32), f"{te}.alpha": np.array(4.0, np.float32)})
+    modules = {k.split(".")[0] for k in state if k.startswith("lora_unet_")}
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "4.0", "ss_steps": "7",
+                "ss_base_model_version": "sd_v1"}
+    name = "it/sd_scripts_style.safetensors"
+    write_safetensors(comfy.models_dir / "loras" / name, state, metadata)
+
+    prompt = example_prompt("lora_01_images_one_caption", comfy.object_info(), LoadImageDataset={"folder": FOLDER},
+                            TrainLoRA={"learning_rate": 0.01, "rank": 4, "alpha": 4.0, "steps": 2, "existing_lora": name},
+                            SaveLoRAWeights={"prefix": "it/continued_sd_scripts", "kohya_export": True})
+    result = comfy.run_ok(prompt)
+    assert result.outputs[node_id(prompt, "SaveLoRAWeights")]["text"][0].startswith("saved loras/")
+    continued, continued_metadata = read_safetensors(comfy.models_dir / "loras" / saved_lora_name(result, prompt))
+    assert continued_metadata["steps"] == "9"  # 7 from ss_steps + 2
+    assert len({k.rsplit(".", 2)[0] for k in continued if k.endswith(".lora_up.weight")}) == len(modules)
+    assert "text-encoder tensors are not continued" in result.log
+
+    branches = {"core": ("core", name), "merged": ("merged", name), "bypass": ("bypass", name)}
+    sampled = comfy.run_ok(sampling_branches(branches))
+    assert "lora key not loaded" not in sampled.log, sampled.log[-4000:]
+    latents = latents_of(comfy, sampled, sampling_branches(branches))
+    scale = max(np.abs(latents["core"]).mean(), 1.0)
+    np.testing.assert_allclose(latents["merged"], latents["core"], atol=1e-4 * scale, rtol=1e-4)
+    np.testing.assert_allclose(latents["bypass"], latents["core"], atol=1e-3 * scale, rtol=1e-3)
