@@ -190,6 +190,7 @@ class ComfyBackend:
     @contextlib.contextmanager
     def open(self, job: TrainingJob, config: TrainConfig):
         model = self.job_glue.load_model(job.model, job.folder)
+        self.glue.check_trainable(model)  # as Train LoRA: a family it cannot train is named first
         self.kohya_naming = self.glue.kohya_naming(model)
         self.key_aliases = self.glue.lora_key_aliases(model)
         check = self.glue.low_vram_check(model, config, bool(job.settings.get("quantized_backward", False)))

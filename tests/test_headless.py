@@ -200,3 +200,21 @@ def test_a_rank_that_cannot_load_its_model_ends_every_rank_with_one_message(tmp_
     message = "could not load the job's model and dataset: test: this rank was told to fail loading its model"
     assert output.count(message) == 1 and "rank 1 (" in output, output
     assert not (job / "output").exists()
+
+
+def test_a_job_continuing_a_lora_adds_its_steps_as_existing_lora_does(tmp_path, uninterrupted):
+    """Export with existing_lora copies the file (and its .optim) as start_lora: 8 steps done + 16 = 24."""
+    from lora_core.lorafile.resume import save_checkpoint
+
+    first = train(make_toy_denoiser("eps", seed=2, config=NET), toy_dataset(IMAGES, seed=2),
+                  dataclasses.replace(CONFIG, steps=8))
+    job = make_job(tmp_path / "job", steps=16)
+    save_checkpoint(job / "start_lora.safetensors", first.adapter_set, dataclasses.replace(CONFIG, steps=8), 8,
+                    "diffusion_model.", first.optimizer_state)
+    document = json.loads((job / jobs.JOB_FILE).read_text())
+    document["start_lora"] = "start_lora.safetensors"
+    (job / jobs.JOB_FILE).write_text(json.dumps(document))
+    result = headless(job)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "steps 8 -> 24" in result.stdout
+    assert_same_tensors(load_file(str(only_file(job / "output", "trained_lora_24_steps_*.safetensors"))), uninterrupted)

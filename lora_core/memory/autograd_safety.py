@@ -293,7 +293,9 @@ class AutogradSafety:
         # Detached: a tensor an op saves of its own output would otherwise hold its grad_fn, which
         # holds it (a cycle Python's gc cannot see). The detached alias shares the version counter.
         saved = _Saved(tensor.detach(), tensor._version)
-        extent = _extent(tensor)
+        # Parameters (frozen weights, adapter factors) are written only between steps: not indexed,
+        # which spares a third of the bookkeeping; the version check at unpack still covers them.
+        extent = None if isinstance(tensor, torch.nn.Parameter) else _extent(tensor)
         if extent is not None:
             self._hold(extent, _Ref(saved, self._forget), alias=False)
         return saved

@@ -259,7 +259,8 @@ def check_family(key: str) -> dict:
             steps=2, batch_size=2, checkpoint_policy="all_blocks")).args[1]["loss"]
     except Exception as err:  # reported, so the other checks still run
         out["all_blocks_loss"] = f"{type(err).__name__}: {str(err)[:300]}"
-    out["grad"] = gradient_check(model, latents, conds)
+    out["grad"] = gradient_check(model, latents, conds)                       # Train LoRA's default preset
+    out["grad_attention_mlp"] = gradient_check(model, latents, conds, "attention_mlp")
     out["mixed_batch"] = mixed_reference_batch(model, latents, conds)
     out["errors"] = error_checks(model, latents, conds, images, controls, vae, clip, texts, label)
     return out
@@ -285,7 +286,7 @@ def core_loader_check(model, lora) -> tuple[list[str], int]:
     return warnings, len(patches)
 
 
-def gradient_check(model, latents, conds) -> dict:
+def gradient_check(model, latents, conds, preset: str = "all") -> dict:
     """One step's LoRA gradient along a random direction: autograd through our training path (fp32,
     checkpointing off and every block recomputed) against float64 central finite differences of the same
     loss, computed with the same model conditioning (reference latents included) on a float64 copy."""
@@ -297,7 +298,7 @@ def gradient_check(model, latents, conds) -> dict:
         objective = Objective(ObjectiveConfig())
         module = denoiser.module
         g = torch.Generator().manual_seed(5)
-        adapters = AdapterSet.create(module, AdapterSpec(rank=2, alpha=2.0), TargetSpec(preset="all"), g)
+        adapters = AdapterSet.create(module, AdapterSpec(rank=2, alpha=2.0), TargetSpec(preset=preset), g)
         with torch.no_grad():   # non-zero up matrices so every adapter has a gradient of its own
             for p in adapters.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
@@ -331,7 +332,7 @@ def gradient_check(model, latents, conds) -> dict:
 
 
         # The same loss in float64, through the model's own conditioning (ref_latents from extra_conds).
-        sigma = denoiser.sigma_at(t)
+        sigma = denoiser.sigma_at(t, tuple(x0.shape))   # as the objective asks (Flux: resolution shift)
         x_t = denoiser.add_noise(x0, noise, sigma)
         c_skip, c_out = denoiser.output_coefficients(sigma)
         shape = (-1,) + (1,) * (x0.dim() - 1)
