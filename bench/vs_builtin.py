@@ -15,6 +15,15 @@ trainers are timed the same way), while a sampler thread records peak RSS (CPU) 
 `comfy.sd.load_lora_for_models` and measures the eps-space denoising error on the training latents at a fixed grid
 of sigmas with fixed noise, against the base model's.
 
+Other families (issue 12): `--family sdxl` or `--family flux` builds the model with
+tests/integration/family_models.py (ComfyUI's own `comfy.supported_models` classes, seeded random weights, the
+family's real latent channels and conditioning: SDXL's pooled vector, Flux.1 dev's pooled vector and guidance) and
+`--size tiny|wide` picks its widths: tiny is the family matrix's model, wide keeps the family's real width (SDXL:
+320 base channels and 640-channel transformer level with 2 blocks; Flux.1: hidden 3072, 24 heads, MLP x4) with one
+block of each kind, so it fits a CPU. Captions are the family's random text-encoder outputs (one per image); the
+eps-error evaluation is SD1.5-only. A trainer that fails in a case (the built-in on Flux with checkpointing off:
+"modified by an inplace operation") is a FAILED row with its error, not the end of the bench.
+
 Invariant: the two trainers see the same model weights, latents, conditionings, seed and step count; the only
 thing that differs between an A and a B process is the trainer (and the settings a case names on purpose).
 """
@@ -64,6 +73,21 @@ UNET_CONFIGS = {
 
 UNET_PARAMS = {"full": "859.5M", "small": "107.4M"}
 
+FAMILIES = ("sd15", "sdxl", "flux")
+# tests/integration/family_models.py entry per family, and what the "wide" size changes in its unet_config
+FAMILY_MODEL = {"sdxl": "sdxl", "flux": "flux1_dev"}
+WIDE_CONFIG = {
+    "sdxl": dict(model_channels=320, num_head_channels=64, transformer_depth=[0, 2], transformer_depth_output=[0, 0, 2, 2],
+                 transformer_depth_middle=2),
+    "flux": dict(hidden_size=3072, num_heads=24, mlp_ratio=4.0, axes_dim=[16, 56, 56]),
+}
+# Known outcomes the bench cannot see by itself (issue 12: checked against finite differences in
+# tests/integration/test_inplace_families.py): printed next to the rows they concern.
+KNOWN_NOTES = {
+    ("flux", "builtin", True): "runs, but its gradients are wrong: the whole-model checkpoint's recompute sees "
+                               "tensors Flux's in-place adds already changed (issue 12)",
+}
+
 # Fraction of the schedule (ComfyUI `percent_to_sigma`: 0 = most noise) at which the eps error is measured.
 EVAL_PERCENTS = [0.1, 0.3, 0.5, 0.7, 0.9]
 
@@ -99,6 +123,8 @@ def make_cases(device: str) -> dict[str, Case]:
         # like fastest, with checkpointing off on both sides
         "fastest_nogc": Case("fastest_nogc", 1, dict(dtypes, bypass_mode=True, gradient_checkpointing=False),
                              dict(dtypes, gradient_checkpointing=False)),
+        # the built-in in bypass mode with its checkpointing on (the one bypass setting that runs on Flux) vs ours
+        "b1_bypass": Case("b1_bypass", 1, dict(dtypes, bypass_mode=True), dict(dtypes)),
         # GPU only: UNet stored as float8_e4m3fn, bypass, training_dtype none (compare with b1 = bf16)
         "fp8": Case("fp8", 1, dict(fp8), dict(fp8), weight_dtype="fp8"),
     }
@@ -158,6 +184,45 @@ def build_model(unet: str, weight_dtype, seed: int = 1234):
 
 def _rebuild_model(unet, weight_dtype, seed, disable_dynamic=False):
     return build_model(unet, weight_dtype, seed)
+
+
+def family_spec(family: str, size: str):
+    """The tests/integration/family_models.py `Family` for `--family` / `--size` (imported after ComfyUI)."""
+    import dataclasses
+    sys.path.insert(0, os.path.join(REPO_DIR, "tests", "integration"))
+    import family_models
+    spec = family_models.BY_NAME[FAMILY_MODEL[family]]
+    if size == "wide":
+        spec = dataclasses.replace(spec, unet_config=dict(spec.unet_config, **WIDE_CONFIG[family]))
+    return family_models, spec
+
+
+def build_family_model(family: str, size: str, weight_dtype, seed: int = 1234):
+    """A ModelPatcher around the family's seeded random-weight model, built by family_models with ComfyUI's classes."""
+    import torch
+    fm, spec = family_spec(family, size)
+    manual_cast = torch.bfloat16 if weight_dtype == torch.float8_e4m3fn else None
+    patcher = fm.build_patcher(spec, fm.build_state_dict(spec, seed), weight_dtype, manual_cast)
+    patcher.cached_patcher_init = (_rebuild_family_model, (family, size, weight_dtype, seed))
+    return patcher
+
+
+def _rebuild_family_model(family, size, weight_dtype, seed, disable_dynamic=False):
+    return build_family_model(family, size, weight_dtype, seed)
+
+
+def build_family_dataset(family: str, size: str, num_images: int, latent_size: int, seed: int = 42):
+    """Latents with the family's channels at latent_size^2, and one conditioning per image (family_models widths)."""
+    import torch
+    fm, spec = family_spec(family, size)
+    gen = torch.Generator().manual_seed(seed)
+    channels = spec.latent[0]
+    coarse = torch.randn(num_images, channels, max(1, latent_size // 4), max(1, latent_size // 4), generator=gen)
+    smooth = torch.nn.functional.interpolate(coarse, size=(latent_size, latent_size), mode="bilinear",
+                                             align_corners=False)
+    latents = smooth + 0.3 * torch.randn(num_images, channels, latent_size, latent_size, generator=gen)
+    conds = [fm.conditioning(spec, seed + i) for i in range(num_images)]
+    return latents, conds
 
 
 def build_dataset(num_images: int, latent_size: int, seed: int = 42):
@@ -391,8 +456,13 @@ def worker_train(opts):
     impl = opts.impl
     node = load_builtin_node() if impl == "builtin" else load_our_node()
     latent_size = opts.resolution // 8
-    latents, conds = build_dataset(opts.images, latent_size)
-    model = build_model(opts.unet, weight_dtype_for(opts.device, case))
+    if opts.family == "sd15":
+        latents, conds = build_dataset(opts.images, latent_size)
+        model = build_model(opts.unet, weight_dtype_for(opts.device, case))
+    else:
+        latents, conds = build_family_dataset(opts.family, opts.size, opts.images, latent_size)
+        model = build_family_model(opts.family, opts.size, weight_dtype_for(opts.device, case))
+    params = sum(p.numel() for p in model.model.diffusion_model.parameters())
     overrides = case.builtin if opts.slot == "builtin" else case.ours
 
     total_steps = 1 + opts.warmup + opts.steps
@@ -414,8 +484,19 @@ def worker_train(opts):
         torch.cuda.reset_peak_memory_stats()
     cuda_before = torch.cuda.memory_allocated() if opts.device != "cpu" else None
     rss_before = PeakRSS().peak
-    with PeakRSS() as rss, StepClock(opts.device) as clock, Profile(opts) as profile:
-        output = call_node(node, values)
+    result_path = os.path.join(opts.out_dir, f"{opts.tag}.json")
+    clock = StepClock(opts.device)
+    try:
+        with PeakRSS() as rss, clock, Profile(opts) as profile:
+            output = call_node(node, values)
+    except Exception as exc:  # a trainer failing on a family is a result (a FAILED row), not a bench crash
+        import traceback
+        traceback.print_exc()
+        with open(result_path, "w") as f:
+            json.dump(dict(tag=opts.tag, case=opts.case, slot=opts.slot, impl=impl, params=params,
+                           gradient_checkpointing=values.get("gradient_checkpointing"),
+                           steps_done=len(clock.stamps), error=f"{type(exc).__name__}: {exc}"[:300]), f)
+        return
     profile.write(os.path.join(opts.out_dir, f"{opts.tag}_profile.txt"))
     lora = output.args[0] if hasattr(output, "args") else output[0]
     loss_map = output.args[1] if hasattr(output, "args") else output[1]
@@ -430,14 +511,15 @@ def worker_train(opts):
     lora_path = os.path.join(opts.out_dir, f"{opts.tag}.safetensors")
     safetensors.torch.save_file(tensors, lora_path)
     result = dict(
-        tag=opts.tag, case=opts.case, slot=opts.slot, impl=impl, steps=total_steps, timed_steps=timed, timed_cpu=cpu[1 + opts.warmup:],
+        tag=opts.tag, case=opts.case, slot=opts.slot, impl=impl, steps=total_steps, params=params,
+        gradient_checkpointing=values.get("gradient_checkpointing"), timed_steps=timed, timed_cpu=cpu[1 + opts.warmup:],
         first_step_s=durations[0], rss_before=rss_before, rss_peak=rss.peak,
         ru_maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         cuda_peak=torch.cuda.max_memory_allocated() if opts.device != "cpu" else None, cuda_before=cuda_before,
         lora_path=lora_path, lora_tensors=len(tensors),
         loss=[float(x) for x in (loss_map.get("loss", []) if isinstance(loss_map, dict) else [])],
     )
-    with open(os.path.join(opts.out_dir, f"{opts.tag}.json"), "w") as f:
+    with open(result_path, "w") as f:
         json.dump(result, f)
 
 
@@ -518,7 +600,8 @@ def parse_settings(items: list[str]) -> dict:
 def spawn(opts, extra: list[str], fatal: bool = True) -> bool:
     cmd = [sys.executable, os.path.abspath(__file__), "--unet", opts.unet, "--resolution", str(opts.resolution),
            "--images", str(opts.images), "--steps", str(opts.steps), "--warmup", str(opts.warmup),
-           "--seed", str(opts.seed), "--device", opts.device, "--out-dir", opts.out_dir] + extra
+           "--seed", str(opts.seed), "--device", opts.device, "--out-dir", opts.out_dir,
+           "--family", opts.family, "--size", opts.size] + extra
     if opts.profile:
         cmd.append("--profile")
     for item in opts.ours_set or []:
@@ -555,8 +638,20 @@ def summarize(opts, runs: dict, evals: dict) -> str:
     lines += [header, "-" * len(header)]
     for case_name, slots in runs.items():
         ev = evals.get(case_name)
+        failed = False
         for slot in ("builtin", "ours"):
-            rs = slots[slot]
+            rs = [r for r in slots[slot] if "error" not in r]
+            errs = [r for r in slots[slot] if "error" in r]
+            first = (rs or errs)[0]
+            note = KNOWN_NOTES.get((opts.family, first["impl"], bool(first.get("gradient_checkpointing"))))
+            if errs:
+                failed = True
+                lines.append(f"{case_name:8} {slot:21} FAILED in {len(errs)} of {len(slots[slot])} runs (after "
+                             f"{errs[0]['steps_done']} optimizer steps): {errs[0]['error']}")
+            if not rs:
+                continue
+            if note:
+                lines.append(f"{case_name:8} {slot:21} note: {note}")
             wall = [t for r in rs for t in r["timed_steps"]]
             cpu = [t for r in rs for t in r["timed_cpu"]]
             mem = statistics.median(r[mem_key] for r in rs)
@@ -570,6 +665,10 @@ def summarize(opts, runs: dict, evals: dict) -> str:
             loss_text = f"{loss[0]:.3f}->{loss[-1]:.3f}" if loss else "n/a"
             lines.append(f"{case_name:8} {label:21} {spread(wall):>24} {st['cpu']:10.3f} {1 / st['wall']:8.3f} "
                          f"{mem / GIB:14.2f} {extra / GIB:10.2f} {eps:8.4f} {x0:8.4f} {loss_text:>15}")
+        if failed or (case_name, "builtin") not in stats or (case_name, "ours") not in stats:
+            lines.append(f"{case_name:8} {'ratio ours/built-in':21} n/a: a trainer failed")
+            lines.append("")
+            continue
         b, o = stats[(case_name, "builtin")], stats[(case_name, "ours")]
         lines.append(f"{case_name:8} {'ratio ours/built-in':21} {'speed ' + format(b['wall'] / o['wall'], '.2f') + 'x':>24} "
                      f"{format(b['cpu'] / o['cpu'], '.2f') + 'x':>10} {'':8} {'mem ' + format(o['mem'] / b['mem'], '.2f') + 'x':>14} "
@@ -586,7 +685,7 @@ def summarize(opts, runs: dict, evals: dict) -> str:
         lines.append(f"  [{'PASS' if ok else 'FAIL'}] {text}")
 
     for case_name in ("b1", "b4"):
-        if (case_name, "ours") not in stats:
+        if (case_name, "ours") not in stats or (case_name, "builtin") not in stats:
             continue
         b, o = stats[(case_name, "builtin")], stats[(case_name, "ours")]
         target(b["wall"] >= 1.5 * o["wall"], f"{case_name}: ours steps/s >= 1.5x built-in: {b['wall'] / o['wall']:.2f}x "
@@ -595,11 +694,11 @@ def summarize(opts, runs: dict, evals: dict) -> str:
         if not math.isnan(o["eps"]):
             target(o["eps"] < b["eps"], f"{case_name}: ours eps error < built-in after {opts.total_steps} steps: "
                                         f"{o['eps']:.4f} vs {b['eps']:.4f}")
-    if ("fastest", "ours") in stats:
+    if ("fastest", "ours") in stats and ("fastest", "builtin") in stats:
         b, o = stats[("fastest", "builtin")], stats[("fastest", "ours")]
         target(o["wall"] <= b["wall"], f"fastest: ours (defaults) not slower than built-in bypass + no checkpointing: "
                                        f"{b['wall'] / o['wall']:.2f}x (cpu-time {b['cpu'] / o['cpu']:.2f}x)")
-    if ("fp8", "ours") in stats and ("b1", "ours") in stats:
+    if all((c, t) in stats for c in ("fp8", "b1") for t in ("builtin", "ours")):
         lines.append("")
         lines.append("FP8 (UNet float8_e4m3fn, bypass, training_dtype none) vs case b1 (bf16 weights):")
         for slot in ("builtin", "ours"):
@@ -619,6 +718,9 @@ def orchestrate(opts):
     opts.out_dir = opts.out_dir or tempfile.mkdtemp(prefix="vs_builtin_")
     os.makedirs(opts.out_dir, exist_ok=True)
     opts.total_steps = 1 + opts.warmup + opts.steps
+    if opts.family != "sd15" and not opts.no_eval:
+        print("note: the eps-error evaluation is SD1.5-only; --no-eval implied for", opts.family)
+        opts.no_eval = True
     # "b4:1" runs case b4 with 1 repeat instead of --repeats
     cases = [(c.split(":")[0], int(c.split(":")[1]) if ":" in c else opts.repeats) for c in opts.cases.split(",") if c]
     known = make_cases(opts.device)
@@ -627,7 +729,7 @@ def orchestrate(opts):
         sys.exit(f"unknown case(s) {unknown}: choose from {', '.join(known)}")
     if opts.device == "cpu" and "fp8" in dict(cases):
         print("note: the fp8 case is meant for GPUs; on CPU it only checks that both trainers run it")
-    print(f"device={opts.device} unet={opts.unet} {opts.resolution}px ({opts.resolution // 8}x{opts.resolution // 8} "
+    print(f"device={opts.device} family={opts.family} size={opts.size} unet={opts.unet} {opts.resolution}px ({opts.resolution // 8}x{opts.resolution // 8} "
           f"latents) images={opts.images} steps={opts.total_steps} (timed {opts.steps}, warmup {opts.warmup} + 1) "
           f"cases={cases} ours={opts.ours_impl} ours-set={opts.ours_set} threads={opts.threads or 'torch default'} "
           f"out={opts.out_dir}", flush=True)
@@ -645,11 +747,14 @@ def orchestrate(opts):
                 with open(os.path.join(opts.out_dir, f"{tag}.json")) as f:
                     result = json.load(f)
                 runs[case_name][slot].append(result)
+                if "error" in result:
+                    print(f"    {tag}: FAILED after {result['steps_done']} steps: {result['error']}", flush=True)
+                    continue
                 print(f"    {tag}: median {statistics.median(result['timed_steps']):.3f} s/step "
                       f"(cpu {statistics.median(result['timed_cpu']):.3f}), "
                       f"peak {(result['cuda_peak'] or result['rss_peak']) / GIB:.2f} GiB", flush=True)
         if not opts.no_eval:
-            paths = [r["lora_path"] for slot in ("builtin", "ours") for r in runs[case_name][slot]]
+            paths = [r["lora_path"] for slot in ("builtin", "ours") for r in runs[case_name][slot] if "lora_path" in r]
             eval_out = os.path.join(opts.out_dir, f"eval_{case_name}.json")
             if spawn(opts, ["--worker", "eval", "--case", case_name, "--eval-out", eval_out, "--loras", *paths],
                      fatal=False):
@@ -663,21 +768,40 @@ def orchestrate(opts):
             f.write(table + "\n")
 
     print()
-    print(f"ours vs ComfyUI built-in TrainLoraNode: {opts.unet} SD1.5 UNet "
-          f"({UNET_PARAMS.get(opts.unet, '?')} params), {opts.resolution}px, {opts.device}, rank 8 (alpha: each "
+    if opts.family == "sd15":
+        model_text = f"{opts.unet} SD1.5 UNet ({UNET_PARAMS.get(opts.unet, '?')} params)"
+    else:
+        counts = {r["params"] for slots in runs.values() for rs in slots.values() for r in rs if "params" in r}
+        model_text = (f"{opts.size} {opts.family} model ({FAMILY_MODEL[opts.family]} of family_models"
+                      f"{', wide widths' if opts.size == 'wide' else ''}; "
+                      f"{'/'.join(f'{c / 1e6:.1f}M' for c in sorted(counts))} params)")
+    try:
+        load = "load average %.1f %.1f %.1f on %d CPUs" % (*os.getloadavg(), os.cpu_count())
+    except OSError:
+        load = "load average n/a"
+    print(f"ours vs ComfyUI built-in TrainLoraNode: {model_text}, {opts.resolution}px, {opts.device} ({load} at "
+          f"the end), rank 8 (alpha: each "
           f"trainer's default), "
           f"AdamW lr 5e-4, MSE, {opts.total_steps} optimizer steps per run ({opts.steps} timed), "
           f"runs per case {dict(cases)}, A/B alternated in fresh processes, "
           f"threads {opts.threads or 'torch default'}")
-    print("eps/x0 err: mean squared error of the model's eps (x0) prediction on the training latents, sigmas at "
-          f"percent {EVAL_PERCENTS} with fixed noise; captions: random-weight CLIP-L (ComfyUI sd1_clip), one per image")
+    if opts.family != "sd15":
+        print("captions: random text-encoder outputs at the family's widths (family_models.conditioning), one per "
+              "image; eps/x0 err: not measured for this family (SD1.5 only)")
+    else:
+        print("eps/x0 err: mean squared error of the model's eps (x0) prediction on the training latents, sigmas at "
+              f"percent {EVAL_PERCENTS} with fixed noise; captions: random-weight CLIP-L (ComfyUI sd1_clip), one per image")
     print(table)
     print(f"\nraw results: {os.path.join(opts.out_dir, 'summary.json')}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--unet", choices=sorted(UNET_CONFIGS), default="full")
+    parser.add_argument("--family", choices=FAMILIES, default="sd15",
+                        help="model family: sd15 (--unet picks its size) or sdxl / flux (tests/integration/family_models.py)")
+    parser.add_argument("--size", choices=["tiny", "wide"], default="tiny",
+                        help="sdxl / flux: tiny (the family matrix's model) or wide (the family's real width, 1 block each)")
+    parser.add_argument("--unet", choices=sorted(UNET_CONFIGS), default="full", help="sd15 only: UNet size")
     parser.add_argument("--resolution", type=int, default=256, help="pixels; latents are resolution/8")
     parser.add_argument("--images", type=int, default=8, help="training images (one caption each)")
     parser.add_argument("--steps", type=int, default=39,
@@ -686,7 +810,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (first is never timed)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per trainer and case, alternated A B A B")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cases", default="b1,fastest", help="comma list of b1,b4,fastest,b1_alltargets,b1_ours_alpha1,b1_ours_attn_mlp,fastest_nogc,fp8; "
+    parser.add_argument("--cases", default="b1,fastest", help="comma list of b1,b4,fastest,b1_alltargets,b1_ours_alpha1,b1_ours_attn_mlp,fastest_nogc,b1_bypass,fp8; "
                         "case:N runs that case N times instead of --repeats")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--ours-impl", default="ours", choices=["ours", "builtin"],

@@ -38,6 +38,7 @@ from ..lora_core.errors import UserInputError
 from . import comfy_glue as glue
 from . import edit_glue
 from .lists import conditioning_entry, dedupe_by_identity, single, training_samples
+from .video_nodes import bucket_clips, encode_video_items, latent_shape_table
 
 log = logging.getLogger(__name__)
 
@@ -228,16 +229,19 @@ class MakeTrainingDataset(io.ComfyNode):
             node_id=PREFIX + "MakeTrainingDataset",
             display_name="Make Training Dataset",
             category=CATEGORY,
-            description="VAE-encode the images (batched when sizes match) and text-encode each distinct caption "
-                        "once. Outputs latents and conditioning, index-aligned.",
-            search_aliases=["encode dataset"],
+            description="VAE-encode the images (batched when sizes match) and video clips (one at a time, each "
+                        "decoded only then) and text-encode each distinct caption once. Outputs latents and "
+                        "conditioning, index-aligned.",
+            search_aliases=["encode dataset", "encode videos"],
             is_input_list=True,
             inputs=[
-                io.Image.Input("images", tooltip="The training images (a list, e.g. from Load Image Dataset from Folder)."),
+                io.Image.Input("images", optional=True,
+                               tooltip="The training images (a list, e.g. from Load Image Dataset from Folder)."),
                 io.Vae.Input("vae", tooltip="The VAE of the model you will train (from your checkpoint loader)."),
                 io.Clip.Input("clip", tooltip="The text encoder of the model you will train."),
                 io.String.Input("texts", optional=True, force_input=True,
-                                tooltip="Captions: one per image, or one for all; not connected = empty caption."),
+                                tooltip="Captions: one per image / clip (images first), or one for all; not "
+                                        "connected = empty caption."),
                 io.Image.Input("controls", optional=True,
                                tooltip="Edit pairs: the control image(s) of each image, same order (the 'controls' "
                                        "output of Load Edit Pairs from Folder). Each is VAE-encoded into its "
@@ -255,41 +259,55 @@ class MakeTrainingDataset(io.ComfyNode):
                                        "(Kontext: match_target; Qwen: area_1024). match_target: the target's size; "
                                        "target_area: the target's pixel count at the control's aspect ratio; "
                                        "area_1024: 1024x1024 pixels at its aspect ratio; none: as loaded."),
+                io.Video.Input("videos", optional=True,
+                               tooltip="Video clips (Sample Video Clips or Resolution Bucket): each becomes one "
+                                       "[1, C, T, H, W] latent of a video VAE."),
+                io.Int.Input("vae_tile_size", default=0, min=0, max=4096, step=32, optional=True, advanced=True,
+                             tooltip="Video clips: 0 = encode whole frames (in time chunks; ComfyUI retries in tiles "
+                                     "if memory runs out); > 0 = encode in tiles of this many pixels from the start."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latents", is_output_list=True,
-                                 tooltip="One latent per image (raw VAE output; the trainer scales it)."),
+                                 tooltip="One latent per image or clip (raw VAE output; the trainer scales it)."),
                 io.Conditioning.Output(display_name="conditioning", is_output_list=True,
-                                       tooltip="One conditioning per image, same order as latents."),
+                                       tooltip="One conditioning per latent, same order."),
             ],
         )
 
     @classmethod
-    def execute(cls, images, vae, clip, texts=None, controls=None, edit_model=None,
-                control_resize=None) -> io.NodeOutput:
+    def execute(cls, images=None, vae=None, clip=None, texts=None, controls=None, edit_model=None,
+                control_resize=None, videos=None, vae_tile_size=None) -> io.NodeOutput:
+        # `images` first and optional (a video-only dataset has none); ComfyUI passes everything by name.
         vae, clip = single(vae), single(clip)
+        if not images and not videos:
+            raise UserInputError("Make Training Dataset has nothing to encode: connect images (Load Image Dataset "
+                                 "from Folder) or videos (Sample Video Clips).")
         if controls:
+            if not images:
+                raise UserInputError("Edit pairs need their target images: connect the 'images' output of Load Edit "
+                                     "Pairs from Folder too.")
             return _encode_pairs(list(images), list(controls), vae, clip, texts,
                                  edit_family(single(edit_model) or next(iter(EDIT_FAMILIES))),
                                  single(control_resize) or "family")
         # Split any image batches into single images (keeping repeated objects shared).
-        distinct, index = dedupe_by_identity(list(images))
+        distinct, index = dedupe_by_identity(list(images or []))
         singles_of = [list(batch.unbind(0)) if batch.shape[0] > 1 else [batch[0]] for batch in distinct]
         per_item = [singles_of[i] for i in index]
-        count = sum(len(s) for s in per_item)
+        sizes = [len(s) for s in per_item] + [1] * len(videos or [])
+        count = sum(sizes)
         texts = list(texts) if texts else [""]
         if len(texts) == 1:
             texts = texts * count
-        elif len(texts) == len(per_item) and len(per_item) != count:
-            texts = [t for t, s in zip(texts, per_item) for _ in s]
+        elif len(texts) == len(sizes) and len(sizes) != count:
+            texts = [t for t, n in zip(texts, sizes) for _ in range(n)]
         if len(texts) != count:
             raise UserInputError(
-                f"{len(texts)} captions for {count} images: connect one caption per image (the 'texts' output of "
-                f"Load Image and Text Dataset from Folder) or a single caption for all."
+                f"{len(texts)} captions for {count} images / clips: connect one caption per image or clip (the "
+                f"'texts' output of the dataset loader or Sample Video Clips) or a single caption for all."
             )
 
         flat_distinct = [image for batch in singles_of for image in batch]
-        latents = glue.encode_images(vae, flat_distinct)
+        latents = glue.encode_images(vae, flat_distinct) if flat_distinct else []
         latent_dicts = [{"samples": latent} for latent in latents]
         position = {}
         offset = 0
@@ -299,9 +317,18 @@ class MakeTrainingDataset(io.ComfyNode):
         out_latents = []
         for i, item in zip(index, per_item):
             out_latents.extend(latent_dicts[position[i] + j] for j in range(len(item)))
+        clip_count = 0
+        if videos:
+            clip_latents, clip_count = encode_video_items(vae, list(videos), single(vae_tile_size) or 0)
+            # Clips that failed to decode under skip_bad_files are left out together with their captions.
+            kept = [len(out_latents) + i for i, latent in enumerate(clip_latents) if latent is not None]
+            texts = texts[:len(out_latents)] + [texts[i] for i in kept]
+            out_latents.extend(latent for latent in clip_latents if latent is not None)
+            if not out_latents:
+                raise UserInputError("No clip could be decoded (see the log): re-export the videos.")
         conditioning = glue.encode_texts(clip, texts)
-        log.info("[LoRA Trainer] encoded %d images (%d distinct), %d distinct captions",
-                 count, len(flat_distinct), len(set(texts)))
+        log.info("[LoRA Trainer] encoded %d images (%d distinct), %d clips (%d distinct), %d distinct captions",
+                 count - len(videos or []), len(flat_distinct), len(videos or []), clip_count, len(set(texts)))
         return io.NodeOutput(out_latents, conditioning)
 
 
@@ -374,8 +401,10 @@ class ResolutionBucket(io.ComfyNode):
             node_id=PREFIX + "ResolutionBucket",
             display_name="Resolution Bucket",
             category=CATEGORY,
-            description="Images in: scale and centre-crop each to the area-preserving bucket nearest its aspect "
-                        "ratio. Latents + conditioning in: group them into one batch per size. Shows the bucket table.",
+            description="Images or video clips in: scale and centre-crop each to the area-preserving bucket nearest "
+                        "its aspect ratio (clips lazily, frames are cropped as they are decoded). Latents + "
+                        "conditioning in: group them into one batch per size (frames x height x width for video). "
+                        "Shows the bucket table.",
             search_aliases=["bucket by resolution", "aspect ratio buckets"],
             is_input_list=True,
             inputs=[
@@ -395,6 +424,9 @@ class ResolutionBucket(io.ComfyNode):
                              tooltip="Bucket sides are multiples of this many pixels (64 is usual)."),
                 io.Float.Input("max_aspect", default=2.0, min=1.0, max=8.0, step=0.1, optional=True, advanced=True,
                                tooltip="Longest side / shortest side of a bucket at most this (2.0 is usual)."),
+                io.Video.Input("videos", optional=True,
+                               tooltip="Video clips to fit into buckets before Make Training Dataset (optional; "
+                                       "e.g. from Sample Video Clips). Wan 480p: resolution 640 (832x480 bucket)."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latents", is_output_list=True,
@@ -406,16 +438,18 @@ class ResolutionBucket(io.ComfyNode):
                 io.String.Output(display_name="bucket_table", tooltip="The bucket table as text."),
                 io.Image.Output(display_name="controls", is_output_list=True,
                                 tooltip="The controls of each image, cropped to its bucket, same order as images."),
+                io.Video.Output(display_name="videos", is_output_list=True,
+                                tooltip="The video clips, each set to be cropped to its bucket (frames x w x h table)."),
             ],
         )
 
     @classmethod
     def execute(cls, resolution, step=64, max_aspect=2.0, images=None, latents=None, conditioning=None,
-                controls=None) -> io.NodeOutput:
+                controls=None, videos=None) -> io.NodeOutput:
         resolution, step, max_aspect = single(resolution), single(step), single(max_aspect)
-        if images is None and latents is None:
-            raise UserInputError("Resolution Bucket has nothing to do: connect images (to crop into buckets) "
-                                 "or latents and conditioning (to group by size).")
+        if images is None and latents is None and videos is None:
+            raise UserInputError("Resolution Bucket has nothing to do: connect images or videos (to crop into "
+                                 "buckets) or latents and conditioning (to group by size).")
         if (latents is None) != (conditioning is None):
             raise UserInputError("Resolution Bucket needs latents and conditioning together: connect both "
                                  "outputs of Make Training Dataset (or Load Training Dataset).")
@@ -436,6 +470,11 @@ class ResolutionBucket(io.ComfyNode):
                 fitted_controls = [_fit_controls(controls[first[d]], fitted[d], buckets) for d in range(len(distinct))]
                 out_controls = [fitted_controls[i] for i in index]
             tables.append("images:\n" + bucket_table([(im.shape[2], im.shape[1]) for im in out_images]))
+        out_videos = []
+        if videos is not None:
+            out_videos, video_table = bucket_clips(list(videos), make_buckets(
+                BucketSpec(resolution=resolution, step=step, max_aspect=max_aspect)))
+            tables.append("video clips:\n" + video_table)
         out_latents, out_conds = [], []
         if latents is not None:
             flat_latents, flat_conds = training_samples(latents, conditioning)
@@ -444,13 +483,16 @@ class ResolutionBucket(io.ComfyNode):
             for bucket in group_latents_by_size(flat_latents, flat_conds):
                 out_latents.append({"samples": bucket.samples})
                 out_conds.append([conditioning_entry(c) for c in bucket.conds])
-            sizes = [(s["samples"].shape[-1], s["samples"].shape[-2]) for s in out_latents
-                     for _ in range(s["samples"].shape[0])]
-            tables.append("latents (sizes in latent cells; x8 = pixels for SD / SDXL / Flux VAEs):\n"
-                          + bucket_table(sizes))
+            if any(s["samples"].ndim == 5 for s in out_latents):
+                tables.append("latents (latent frames x height x width):\n" + latent_shape_table(out_latents))
+            else:
+                sizes = [(s["samples"].shape[-1], s["samples"].shape[-2]) for s in out_latents
+                         for _ in range(s["samples"].shape[0])]
+                tables.append("latents (sizes in latent cells; x8 = pixels for SD / SDXL / Flux VAEs):\n"
+                              + bucket_table(sizes))
         table = "\n".join(tables)
         log.info("[LoRA Trainer] resolution buckets\n%s", table)
-        return io.NodeOutput(out_latents, out_conds, out_images, table, out_controls, ui=ui.PreviewText(table))
+        return io.NodeOutput(out_latents, out_conds, out_images, table, out_controls, out_videos, ui=ui.PreviewText(table))
 
 
 def _fit_controls(controls: torch.Tensor, target: torch.Tensor, buckets: list) -> torch.Tensor:
@@ -538,7 +580,9 @@ class SaveTrainingDataset(io.ComfyNode):
         flat_latents, flat_conds = training_samples([l for l, _ in kept], [c for _, c in kept])
         per_sample_repeats = _expand_counts([l for l, _ in kept], repeats)
         per_sample_captions = _expand_counts([l for l, _ in kept], kept_captions)
-        info = [SampleInfo(caption=c, repeats=r) for c, r in zip(per_sample_captions, per_sample_repeats)]
+        per_sample_frames = _expand_counts([l for l, _ in kept], [_frame_count(l) for l, _ in kept])
+        info = [SampleInfo(caption=c, repeats=r, frames=f)
+                for c, r, f in zip(per_sample_captions, per_sample_repeats, per_sample_frames)]
         options = SaveOptions(vae=single(vae_name), text_encoder=single(text_encoder_name),
                               shard_max_bytes=single(shard_size_mb) * 1024 * 1024, overwrite=single(overwrite))
         root = glue.dataset_roots()[0]
@@ -546,6 +590,11 @@ class SaveTrainingDataset(io.ComfyNode):
         message = f"Saved {len(flat_latents)} samples to {folder}"
         log.info("[LoRA Trainer] %s", message)
         return io.NodeOutput(name, ui=ui.PreviewText(message))
+
+
+def _frame_count(latent) -> int:
+    """Pixel frames of a video clip's LATENT (set by Make Training Dataset), 0 when unknown."""
+    return int(latent.get("frame_count", 0) or 0) if isinstance(latent, dict) else 0
 
 
 def _expand_counts(latent_dicts: list, values: list) -> list:
@@ -585,6 +634,9 @@ class LoadTrainingDataset(io.ComfyNode):
         root = _root_holding(folder_name)
         samples = load_training_dataset(root, folder_name)
         latents, conds = samples.to_comfy()
+        for latent, info in zip(latents, samples.info or []):
+            if info.frames:
+                latent["frame_count"] = info.frames
         repeats = [max(1, int(i.repeats)) for i in samples.info] if samples.info else [1] * len(latents)
         captions = [i.caption for i in samples.info] if samples.info else [""] * len(latents)
         log.info("[LoRA Trainer] loaded %d samples from %s", len(latents), folder_name)

@@ -10,12 +10,13 @@ from .dataset_nodes import NODES as DATASET_NODES
 from .job_nodes import NODES as JOB_NODES
 from .lora_nodes import NODES as LORA_NODES
 from .training_nodes import NODES as TRAINING_NODES
+from .video_nodes import NODES as VIDEO_NODES
 
 
 class LoraTrainerExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*DATASET_NODES, *TRAINING_NODES, *JOB_NODES, *LORA_NODES]
+        return [*DATASET_NODES, *VIDEO_NODES, *TRAINING_NODES, *JOB_NODES, *LORA_NODES]
 
 
 async def comfy_entrypoint() -> LoraTrainerExtension:

@@ -285,3 +285,17 @@ def test_video_latents_round_trip(tmp_path):
     save_dataset(tmp_path, "video", latents, [_plain_cond(0), _plain_cond(1)])
     loaded = load_dataset(tmp_path, "video")
     assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(latents, loaded.latents))
+
+
+def test_video_latents_keep_their_five_dimensions_and_frame_counts(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    latents = [torch.randn(16, 9, 8, 12, generator=g), torch.randn(16, 1, 8, 8, generator=g)]  # 33-frame clip, image
+    info = [SampleInfo(caption="a clip", source_file="clips/a.mp4", frames=33, repeats=2), SampleInfo(caption="still")]
+    save_dataset(tmp_path, "video", latents, [_cond(0), _cond(1)], info)
+    loaded = load_dataset(tmp_path, "video")
+    assert [torch.equal(a, b) for a, b in zip(latents, loaded.latents)] == [True, True]
+    assert [i.frames for i in loaded.info] == [33, 0] and loaded.weights == [2.0, 1.0]
+    comfy_latents, _ = loaded.to_comfy()
+    assert comfy_latents[0]["samples"].shape == (1, 16, 9, 8, 12)
+    with pytest.raises(UserInputError, match="frames = -1"):
+        save_dataset(tmp_path, "bad", latents[:1], [_cond(0)], [SampleInfo(frames=-1)])

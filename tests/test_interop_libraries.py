@@ -66,7 +66,9 @@ def unet():
 def trained(unet, algorithm: str, alpha: float = ALPHA, seed: int = 0) -> AdapterSet:
     """Our adapters on every Linear/Conv layer, moved off their identity start."""
     spec = AdapterSpec(algorithm=algorithm, rank=RANK, alpha=alpha if algorithm != "oft" else 0.0, oft_block_size=8)
-    adapter_set = AdapterSet.create(unet, spec, TargetSpec(preset="all"), torch.Generator().manual_seed(seed))
+    # every Linear/Conv layer, embedders too (the "all" preset leaves those to include patterns)
+    targets = TargetSpec(preset="all", include=["."])
+    adapter_set = AdapterSet.create(unet, spec, targets, torch.Generator().manual_seed(seed))
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for parameter in adapter_set.parameters():
@@ -211,7 +213,7 @@ def continue_training(unet, tensors, metadata, algorithm: str, alpha: float):
     config = TrainConfig(
         steps=2, batch_size=1, learning_rate=1e-2, training_dtype="fp32", gradient_checkpointing=False,
         adapter=AdapterSpec(algorithm=algorithm, rank=RANK, alpha=alpha, oft_block_size=8),
-        targets=TargetSpec(preset="all"),
+        targets=TargetSpec(preset="all", include=["."]),
     )
     point = resume_point(tensors, metadata, denoiser, config, "their file")
     before = {k: v.clone() for k, v in point.adapter_set.to_state_dict().items()}

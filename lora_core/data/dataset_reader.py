@@ -149,6 +149,6 @@ def _sample_info(entry: dict) -> SampleInfo:
     bucket = entry.get("bucket")
     return SampleInfo(caption=entry.get("caption", ""), source_file=entry.get("source_file", ""),
                       source_sha256=entry.get("source_sha256", ""), repeats=int(entry.get("repeats", 1)),
-                      bucket=tuple(bucket) if bucket is not None else None)
+                      bucket=tuple(bucket) if bucket is not None else None, frames=int(entry.get("frames", 0)))
 
 

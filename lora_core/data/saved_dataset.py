@@ -45,6 +45,7 @@ class SampleInfo:
     source_sha256: str = ""                  # of the image file's bytes, "" when unknown
     repeats: int = 1                         # kohya-ss sampling weight
     bucket: tuple[int, int] | None = None    # (width, height) in pixels, when bucketed
+    frames: int = 0                          # pixel frames of a video clip (its latent holds fewer); 0 = image / unknown
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,8 @@ def save_dataset(root: str | os.PathLike, name: str, latents: list[torch.Tensor]
             raise UserInputError(
                 f"Latent {index} is {got}: expected one sample [channels, height, width]; split batches first."
             )
+        if info[index].frames < 0:
+            raise UserInputError(f"Sample {index} has frames = {info[index].frames}: it must be 0 (unknown) or more.")
         if info[index].repeats < 1:
             raise UserInputError(f"Sample {index} has repeats = {info[index].repeats}: it must be 1 or more.")
 

@@ -90,12 +90,14 @@ def kohya_repeats(folder_name: str, where: str) -> tuple[int, str] | None:
 
 
 def scan_folder(root: str | os.PathLike, folder: str, recursive: bool = False,
-                caption_extension: str = ".txt") -> FolderScan:
+                caption_extension: str = ".txt", extensions: frozenset[str] = IMAGE_EXTENSIONS,
+                kind: str = "images") -> FolderScan:
     """The images in `root/folder` (sorted), each with its kohya-ss repeats and concept.
 
     Without `recursive`, the folder itself and its direct `N_concept` subfolders are read (the
     kohya-ss layout); with it, every subfolder, and an image takes the repeats of the nearest
-    `N_concept` folder above it. Hidden files and folders (".name") are skipped.
+    `N_concept` folder above it. Hidden files and folders (".name") are skipped. `extensions`
+    (lower case, with the dot) picks the files; `kind` names them in messages ("videos").
     """
     if not caption_extension.startswith(".") or len(caption_extension) < 2:
         raise UserInputError(
@@ -109,7 +111,7 @@ def scan_folder(root: str | os.PathLike, folder: str, recursive: bool = False,
     if not base.is_dir():
         raise UserInputError(f"{shown} is a file, not a folder: pick the folder that holds the images.")
 
-    walk = _FolderWalk(root_path, base, recursive, caption_extension.lower())
+    walk = _FolderWalk(root_path, base, recursive, caption_extension.lower(), extensions)
     walk.visit(())
 
     if not walk.images:
@@ -118,8 +120,8 @@ def scan_folder(root: str | os.PathLike, folder: str, recursive: bool = False,
             hint = (f" It has subfolders ({', '.join(sorted(walk.skipped_subfolders)[:5])}): turn on "
                     f"'recursive' or name them N_concept (kohya-ss layout, e.g. 10_dog).")
         raise UserInputError(
-            f"No images found in {shown} (supported: {', '.join(sorted(IMAGE_EXTENSIONS))}).{hint} "
-            f"Put the training images in that folder."
+            f"No {kind} found in {shown} (supported: {', '.join(sorted(extensions))}).{hint} "
+            f"Put the training {kind} in that folder."
         )
 
     entries = []
@@ -142,8 +144,10 @@ def scan_folder(root: str | os.PathLike, folder: str, recursive: bool = False,
 class _FolderWalk:
     """Collects images and caption files below `base`, refusing symlinks that leave `root`."""
 
-    def __init__(self, root: Path, base: Path, recursive: bool, caption_ext: str) -> None:
+    def __init__(self, root: Path, base: Path, recursive: bool, caption_ext: str,
+                 extensions: frozenset[str] = IMAGE_EXTENSIONS) -> None:
         self.root, self.base, self.recursive, self.caption_ext = root, base, recursive, caption_ext
+        self.extensions = extensions
         self.prefix = _base_parts(root, base)
         self.images: list[tuple[Path, str, tuple[str, ...]]] = []   # (path, relative path, folders below base)
         self.caption_files: dict[str, str] = {}                     # relative path without extension -> file
@@ -181,7 +185,7 @@ class _FolderWalk:
         elif child.is_file():
             relative = "/".join(self.prefix + dir_parts + (child.name,))
             stem, ext = os.path.splitext(relative)
-            if ext.lower() in IMAGE_EXTENSIONS:
+            if ext.lower() in self.extensions:
                 self.images.append((child_path, relative, dir_parts))
             elif ext.lower() == self.caption_ext:
                 self.caption_files[stem] = relative

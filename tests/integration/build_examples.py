@@ -7,7 +7,7 @@
 Each example is described below as a graph; ui_graph lays widget values out in the order the
 node expects, so the files stay right when a node gains an input: rebuild, and the test
 `test_examples_match_the_node_definitions` fails until the files are rebuilt.
-The examples assume SD1.5 (512 px); the user picks a checkpoint and puts images in
+The examples assume SD1.5 (512 px) except lora_08 (Wan 2.1 video); the user picks a checkpoint and puts images in
 input/lora_training (captions as name.txt beside each image where the example reads them).
 """
 from __future__ import annotations
@@ -257,6 +257,44 @@ Trains on **ComfyUI/input/{FOLDER}/** and samples an image with the LoRA applied
     g.connect(decode.out(0), save, "images")
 
 
+VIDEO_FOLDER = "lora_training_videos"
+
+
+def video_folder(g: Graph):
+    _note(g, f"""
+## Wan 2.1: train a video LoRA from a folder of clips
+1. Put 5-50 short videos (mp4, webm, mov, mkv, avi, gif) in **ComfyUI/input/{VIDEO_FOLDER}/**, each with a caption
+   file beside it (`dance.mp4` + `dance.txt`); still images there train too, as one-frame clips.
+   kohya-ss `10_name` subfolders repeat their videos.
+2. Files: **models/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors**, **models/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors**,
+   **models/vae/wan_2.1_vae.safetensors**.
+3. **Sample Video Clips** cuts clips of 33 frames at 16 fps (Wan's rate; frame counts snap to 4k+1, read from the
+   VAE), two per video spread evenly. **Resolution Bucket** crops each clip to a bucket of about 512x512 pixels
+   (frames are decoded and cropped only when Make Training Dataset encodes that clip). Train LoRA keeps clips of one
+   shape per batch (bucket_mode) and recomputes blocks (gradient checkpointing), both on by default.
+""", height=300)
+    unet = g.add("UNETLoader", (X0, 0), unet_name="wan2.1_t2v_1.3B_fp16.safetensors")
+    clip = g.add("CLIPLoader", (X0, 170), clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan")
+    vae = g.add("VAELoader", (X0, 340), vae_name="wan_2.1_vae.safetensors")
+    videos = g.add(P + "LoadVideoTextDataset", (X0, 470), folder=VIDEO_FOLDER, trigger_word="sks dance",
+                   default_caption="a video of sks dance")
+    clips = g.add(P + "SampleVideoClips", (X1, 0), frames=33, frame_rule="from_vae", extraction="uniform",
+                  target_fps=16.0, clips_per_video=2)
+    g.connect(videos.out("videos"), clips, "videos")
+    g.connect(videos.out("texts"), clips, "texts")
+    g.connect(vae.out("VAE"), clips, "vae")
+    bucket = g.add(P + "ResolutionBucket", (X1, 420), resolution=RESOLUTION)
+    g.connect(clips.out("clips"), bucket, "videos")
+    data = g.add(P + "MakeTrainingDataset", (X1, 760))
+    g.connect(bucket.out("videos"), data, "videos")
+    g.connect(vae.out("VAE"), data, "vae")
+    g.connect(clip.out("CLIP"), data, "clip")
+    g.connect(clips.out("texts"), data, "texts")
+    train = _train(g, (X2, 0), unet.out("MODEL"), data.out("latents"), data.out("conditioning"),
+                   learning_rate=0.0002, rank=16, alpha=16.0)
+    _save_and_plot(g, train, "my_wan_video_lora")
+
+
 EDIT_FOLDER = "lora_edit_pairs"
 
 
@@ -298,6 +336,7 @@ EXAMPLES = {
     "lora_05_continue_training": continue_training,
     "lora_06_low_vram_fp8_bypass": low_vram,
     "lora_07_train_then_generate": train_then_generate,
+    "lora_08_video_folder": video_folder,
     "lora_09_edit_pairs": edit_pairs,
 }
 

@@ -332,7 +332,7 @@ def gradient_check(model, latents, conds, preset: str = "all") -> dict:
 
 
         # The same loss in float64, through the model's own conditioning (ref_latents from extra_conds).
-        sigma = denoiser.sigma_at(t)
+        sigma = denoiser.sigma_at(t, tuple(x0.shape))   # as the objective asks (Flux: resolution shift)
         x_t = denoiser.add_noise(x0, noise, sigma)
         c_skip, c_out = denoiser.output_coefficients(sigma)
         shape = (-1,) + (1,) * (x0.dim() - 1)

@@ -134,8 +134,7 @@ SD_SCRIPTS_SD15_NAMES = [
     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj", "lora_unet_down_blocks_0_resnets_0_conv1",
     "lora_unet_down_blocks_0_downsamplers_0_conv", "lora_unet_up_blocks_0_attentions_1_proj_out",
-    "lora_unet_up_blocks_0_upsamplers_0_conv", "lora_unet_mid_block_resnets_0_conv2", "lora_unet_conv_in",
-    "lora_unet_time_embedding_linear_1",
+    "lora_unet_up_blocks_0_upsamplers_0_conv", "lora_unet_mid_block_resnets_0_conv2",
 ]
 
 

@@ -7,7 +7,8 @@ DISPLAY_NAMES = {
     "Make Training Dataset",
     "Resolution Bucket", "Save Training Dataset", "Load Training Dataset", "Train LoRA", "Save LoRA Weights",
     "Load LoRA Model", "Plot Loss Graph", "LoRA Training Settings", "LoRA Memory Settings",
-    "Export Training Job", "LoRA Sample Settings",
+    "Export Training Job", "Load Video Dataset from Folder", "Load Video and Text Dataset from Folder",
+    "Sample Video Clips", "LoRA Sample Settings",
 }
 
 
