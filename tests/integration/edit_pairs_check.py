@@ -249,7 +249,7 @@ def check_family(key: str) -> dict:
     out["loss_same_controls"], out["loss_other_controls"] = first, other
 
     # Train (batch 2: samples of one shape run together) and load the LoRA in ComfyUI's core loader.
-    lora, loss_map, steps = TrainLoRA.execute([model], latents, conds, **train_widgets(steps=3, batch_size=2)).args
+    lora, loss_map, steps = TrainLoRA.execute([model], latents, conds, **train_widgets(steps=3, batch_size=2)).args[:3]
     out["trained_steps"], out["loss"] = steps, loss_map["loss"]
     out["unloaded_keys"], out["patched"] = core_loader_check(model, lora)
 
