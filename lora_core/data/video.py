@@ -87,8 +87,8 @@ def probe_video(path: str | os.PathLike, shown: str | None = None,
             if not container.streams.video:
                 kinds = sorted({s.type for s in container.streams}) or ["no streams"]
                 raise VideoUnreadable(
-                    f"File {shown} has no video stream (it holds {', '.join(kinds)}): an audio-only file cannot "
-                    f"train a video LoRA; remove it from the folder."
+                    f"File {shown} has no video stream (it holds {', '.join(kinds)}): only a file with a video "
+                    f"stream can train a video LoRA; remove it from the folder."
                 )
             stream = container.streams.video[0]
             width, height = int(stream.codec_context.width), int(stream.codec_context.height)
