@@ -5,8 +5,8 @@ Run inside ComfyUI's Python with the ComfyUI checkout as the working directory:
     python family_fixture_builder.py OUT_DIR
 
 Writes, under OUT_DIR:
-    diffusion_models/tiny_flux1_dev.safetensors   detected as Flux (dev: guidance_in present)
-    diffusion_models/tiny_wan21_t2v.safetensors   detected as WAN21_T2V
+    diffusion_models/tiny_family_flux1_dev.safetensors   detected as Flux (dev: guidance_in present)
+    diffusion_models/tiny_family_wan21_t2v.safetensors   detected as WAN21_T2V
     datasets/it_flux1_dev/, datasets/it_wan21_t2v/ our saved-dataset format: two latents of the
                                                   family's layout with conditioning of its real widths
     manifest.json                                 files, parameter counts, what detection said
@@ -86,7 +86,7 @@ def main(out_dir: str) -> None:
         detected_name = type(detected).__name__ if detected is not None else None
         if detected_name != spec["expected"]:
             raise SystemExit(f"{name}: ComfyUI detects {detected_name}, expected {spec['expected']}")
-        rel = f"diffusion_models/tiny_{name}.safetensors"
+        rel = f"diffusion_models/tiny_family_{name}.safetensors"  # the video fixture has tiny_wan21_t2v in the same server
         path = os.path.join(out_dir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_file(sd, path + ".tmp")

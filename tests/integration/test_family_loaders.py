@@ -24,7 +24,7 @@ from comfy_server import HERE, cache_root, comfy_python
 from conftest import comfy_root
 from it_helpers import example_prompt, node_id, read_safetensors, saved_lora_name
 
-FIXTURE_VERSION = "tiny-families-v1"
+FIXTURE_VERSION = "tiny-families-v2"
 # family -> (empty latent node for sampling, its inputs)
 SAMPLING_LATENT = {
     "flux1_dev": ("EmptySD3LatentImage", {"width": 64, "height": 64, "batch_size": 1}),
