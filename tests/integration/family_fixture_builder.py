@@ -36,6 +36,7 @@ import comfy.supported_models  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from lora_core.data.saved_dataset import SampleInfo, SaveOptions, save_dataset  # noqa: E402
+from family_models import init_weights  # noqa: E402  (this script's folder; same seeded init as the matrix)
 
 FAMILIES = {
     "flux1_dev": {
@@ -60,17 +61,6 @@ FAMILIES = {
         "pooled": None,
     },
 }
-
-
-def init_weights(module: torch.nn.Module, generator: torch.Generator) -> None:
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=generator) / max(1, p[0].numel()) ** 0.5)
-            elif name.endswith(("weight", "scale")) and "norm" in name.lower():
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
 
 
 def main(out_dir: str) -> None:
