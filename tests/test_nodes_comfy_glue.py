@@ -7,15 +7,10 @@ random SD1.5-shaped UNet built in memory, so ComfyUI's modules never enter this 
 (other tests assert that lora_core imports no ComfyUI module).
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from comfy_child import run_checks
 
-ROOT = Path(__file__).resolve().parents[1]
 
 CHECKS = r'''
 import importlib.util, json, os, sys, tempfile
@@ -120,27 +115,9 @@ print("RESULTS " + json.dumps(results))
 '''
 
 
-def _comfy() -> tuple[str, str]:
-    root = os.environ.get("COMFYUI_ROOT")
-    if not root or not (Path(root) / "main.py").exists():
-        pytest.skip("COMFYUI_ROOT is not set: these checks need a ComfyUI checkout")
-    python = os.environ.get("COMFYUI_PYTHON") or str(Path(root) / "venv" / "bin" / "python")
-    if not Path(python).exists():
-        python = sys.executable
-    return root, python
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    root, python = _comfy()
-    work = tmp_path_factory.mktemp("glue")
-    script = work / "checks.py"
-    script.write_text(CHECKS)
-    done = subprocess.run([python, str(script), root, str(ROOT), str(work)], capture_output=True, text=True,
-                          timeout=900, cwd=root)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert done.returncode == 0 and lines, done.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULTS "):])
+    return run_checks(tmp_path_factory, "glue", CHECKS, fall_back_to_this_python=True)
 
 
 def test_denoiser_matches_comfyui_sampling_path(results):

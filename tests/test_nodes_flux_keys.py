@@ -6,14 +6,10 @@ Like test_nodes_comfy_glue.py: needs COMFYUI_ROOT (and COMFYUI_PYTHON, default i
 run in a child process so ComfyUI's modules never enter this test process.
 """
 
-import json
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
+from comfy_child import run_checks
 
-ROOT = Path(__file__).resolve().parents[1]
 
 CHECKS = r'''
 import importlib.util, json, sys
@@ -98,20 +94,7 @@ print("RESULTS " + json.dumps(results))
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    root = os.environ.get("COMFYUI_ROOT")
-    if not root or not (Path(root) / "main.py").exists():
-        pytest.skip("COMFYUI_ROOT is not set: these checks need a ComfyUI checkout")
-    python = os.environ.get("COMFYUI_PYTHON") or str(Path(root) / "venv" / "bin" / "python")
-    if not Path(python).exists():
-        pytest.skip(f"no ComfyUI interpreter at {python} (set COMFYUI_PYTHON)")
-    work = tmp_path_factory.mktemp("flux_keys")
-    script = work / "checks.py"
-    script.write_text(CHECKS)
-    done = subprocess.run([python, str(script), root, str(ROOT), str(work)], capture_output=True, text=True,
-                          timeout=900, cwd=root)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert done.returncode == 0 and lines, done.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULTS "):])
+    return run_checks(tmp_path_factory, "flux_keys", CHECKS)
 
 
 def test_flux_aliases_are_slices_of_the_fused_layers(results):
