@@ -31,7 +31,7 @@ from ..errors import UserInputError
 from .captions import CaptionOptions, caption_entries
 from .images import ImageLoadOptions, load_images, shown_paths
 from .resize import ResizeSpec, cover_crop, fit_pad, interpolate, resize_image, snap
-from .scan import IMAGE_EXTENSIONS, FolderScan, ImageEntry, _shown, path_sort_key, scan_folder
+from .scan import IMAGE_EXTENSIONS, EntryLabels, FolderScan, ImageEntry, _shown, path_sort_key, scan_folder
 
 SUFFIX_CONTROL = re.compile(r"^(?P<stem>.+)_control(?:_(?P<number>\d+))?$", re.IGNORECASE)
 CONTROL_FOLDER = re.compile(r"^control(?:_(?P<number>\d+))?$", re.IGNORECASE)
@@ -195,21 +195,13 @@ def _check(root: Path, scan: FolderScan, targets: list[ImageEntry], controls: li
 
 
 @dataclass
-class PairDataset:
+class PairDataset(EntryLabels):
     images: list[torch.Tensor]              # targets, each [H, W, 3]
     controls: list[list[torch.Tensor]]      # per target, its controls, each [H, W, 3]
     entries: list[ImageEntry]               # targets: relative path, caption, repeats
     control_entries: list[list[ImageEntry]]
     skipped: list[str]
     scan: PairScan
-
-    @property
-    def captions(self) -> list[str]:
-        return ["" if e.caption is None else e.caption for e in self.entries]
-
-    @property
-    def repeats(self) -> list[int]:
-        return [e.repeats for e in self.entries]
 
     def summary(self) -> str:
         lines = [self.scan.summary()]

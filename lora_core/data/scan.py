@@ -28,8 +28,23 @@ class ImageEntry:
     caption: str | None = None  # None until captions are read (see captions.py)
 
 
+class EntryLabels:
+    """Captions and repeats read off `self.entries`, for every container of ImageEntry rows
+    (folder scans, edit pairs, video folders) so the three agree on what a missing caption is."""
+
+    entries: list[ImageEntry]
+
+    @property
+    def captions(self) -> list[str]:
+        return ["" if e.caption is None else e.caption for e in self.entries]
+
+    @property
+    def repeats(self) -> list[int]:
+        return [e.repeats for e in self.entries]
+
+
 @dataclass
-class FolderScan:
+class FolderScan(EntryLabels):
     root: Path
     folder: Path
     entries: list[ImageEntry]
@@ -40,14 +55,6 @@ class FolderScan:
     @property
     def paths(self) -> list[Path]:
         return [e.path for e in self.entries]
-
-    @property
-    def captions(self) -> list[str]:
-        return ["" if e.caption is None else e.caption for e in self.entries]
-
-    @property
-    def repeats(self) -> list[int]:
-        return [e.repeats for e in self.entries]
 
     def with_entries(self, entries: list[ImageEntry]) -> "FolderScan":
         return replace(self, entries=list(entries))

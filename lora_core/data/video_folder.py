@@ -16,7 +16,7 @@ from ..errors import UserInputError
 from .captions import CaptionOptions, caption_entries
 from .clips import VideoClip, full_clip
 from .images import shown_paths
-from .scan import IMAGE_EXTENSIONS, FolderScan, ImageEntry, _shown, scan_folder
+from .scan import IMAGE_EXTENSIONS, EntryLabels, FolderScan, ImageEntry, _shown, scan_folder
 from .video import DEFAULT_MAX_PIXELS, VIDEO_EXTENSIONS, VideoUnreadable, probe_video
 
 log = logging.getLogger(__name__)
@@ -33,19 +33,11 @@ class VideoFolderOptions:
 
 
 @dataclass
-class VideoFolder:
+class VideoFolder(EntryLabels):
     clips: list[VideoClip]          # one per file, whole video, nothing decoded
     entries: list[ImageEntry]       # same order: relative path, caption, repeats, concept
     skipped: list[str]              # "file: reason" for files left out by skip_bad
     scan: FolderScan
-
-    @property
-    def captions(self) -> list[str]:
-        return ["" if e.caption is None else e.caption for e in self.entries]
-
-    @property
-    def repeats(self) -> list[int]:
-        return [e.repeats for e in self.entries]
 
     def summary(self) -> str:
         videos = sum(1 for c in self.clips if not c.source.is_image)
