@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -82,6 +82,17 @@ def _v_prediction_hint() -> dict:
     return {"output_blocks.11.1.transformer_blocks.0.norm1.bias": torch.linspace(-1.0, 1.0, 16)}
 
 
+def _cosmos_config(image_model: str) -> dict:
+    """Cosmos Predict2 and Anima (built on it) share one tiny DiT layout."""
+    return dict(image_model=image_model, max_img_h=64, max_img_w=64, max_frames=8, in_channels=16, out_channels=16,
+        patch_spatial=2, patch_temporal=1, concat_padding_mask=True, model_channels=64, num_blocks=2, num_heads=2,
+        crossattn_emb_channels=1024, pos_emb_cls="rope3d", pos_emb_learnable=True, pos_emb_interpolation="crop",
+        min_fps=1, max_fps=30, use_adaln_lora=True, adaln_lora_dim=16, extra_per_block_abs_pos_emb=False,
+        rope_h_extrapolation_ratio=4.0, rope_w_extrapolation_ratio=4.0, rope_t_extrapolation_ratio=1.0,
+        extra_h_extrapolation_ratio=1.0, extra_w_extrapolation_ratio=1.0, extra_t_extrapolation_ratio=1.0,
+        rope_enable_fps_modulation=False)
+
+
 FAMILIES: list[Family] = [
     Family("flux1_dev", "Flux", _flux(True), (16, 8, 8), (8, 4096), "flow",
            extras=lambda g: {"pooled_output": _randn(g, 1, 768), "guidance": 3.5},
@@ -140,24 +151,10 @@ FAMILIES: list[Family] = [
         (16, 8, 8), (8, 4096), "flow",
         extras=lambda g: {"pooled_output": _randn(g, 1, 2048), "conditioning_llama3": _randn(g, 1, 2, 8, 4096)},
         shift=1.0, note="ComfyUI's HiDream config sets no shift (workflows add ModelSamplingSD3 3.0)"),
-    Family("cosmos_predict2", "CosmosT2IPredict2", dict(
-        image_model="cosmos_predict2", max_img_h=64, max_img_w=64, max_frames=8, in_channels=16, out_channels=16,
-        patch_spatial=2, patch_temporal=1, concat_padding_mask=True, model_channels=64, num_blocks=2, num_heads=2,
-        crossattn_emb_channels=1024, pos_emb_cls="rope3d", pos_emb_learnable=True, pos_emb_interpolation="crop",
-        min_fps=1, max_fps=30, use_adaln_lora=True, adaln_lora_dim=16, extra_per_block_abs_pos_emb=False,
-        rope_h_extrapolation_ratio=4.0, rope_w_extrapolation_ratio=4.0, rope_t_extrapolation_ratio=1.0,
-        extra_h_extrapolation_ratio=1.0, extra_w_extrapolation_ratio=1.0, extra_t_extrapolation_ratio=1.0,
-        rope_enable_fps_modulation=False),
+    Family("cosmos_predict2", "CosmosT2IPredict2", _cosmos_config("cosmos_predict2"),
         (16, 1, 8, 8), (8, 1024), "flow", needs_inplace_fix=True, gradient_dtype=torch.float32,
         note="rectified flow on EDM sigmas (COSMOS_RFLOW); fused comfy_kitchen rope op (no float64 kernel)"),
-    Family("anima", "Anima", dict(
-        image_model="anima", max_img_h=64, max_img_w=64, max_frames=8, in_channels=16, out_channels=16,
-        patch_spatial=2, patch_temporal=1, concat_padding_mask=True, model_channels=64, num_blocks=2, num_heads=2,
-        crossattn_emb_channels=1024, pos_emb_cls="rope3d", pos_emb_learnable=True, pos_emb_interpolation="crop",
-        min_fps=1, max_fps=30, use_adaln_lora=True, adaln_lora_dim=16, extra_per_block_abs_pos_emb=False,
-        rope_h_extrapolation_ratio=4.0, rope_w_extrapolation_ratio=4.0, rope_t_extrapolation_ratio=1.0,
-        extra_h_extrapolation_ratio=1.0, extra_w_extrapolation_ratio=1.0, extra_t_extrapolation_ratio=1.0,
-        rope_enable_fps_modulation=False),
+    Family("anima", "Anima", _cosmos_config("anima"),
         (16, 1, 8, 8), (8, 1024), "flow",
         extras=lambda g: {"t5xxl_ids": torch.randint(0, 32128, (8,), generator=g), "t5xxl_weights": torch.ones(8)},
         shift=3.0, needs_inplace_fix=True, gradient_dtype=torch.float32,
